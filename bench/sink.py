@@ -1,0 +1,371 @@
+"""Audit sink throughput: `orch.audit` → SQLite and → PostgreSQL, beside a bare pass-through.
+
+The records are real: a decider run of many signals over several portfolios (plan with its
+recorded inputs, schedule, releases, accepts, partial fills, fills, results), chained and
+encoded exactly as the worker publishes them, produced once to a fresh audit topic before
+anything is timed.
+
+Rows:
+
+* pass-through: an aiokafka consumer group reads the same records with the sink's batch size
+  and commits after every partition batch: the least any at-least-once consumer does. The
+  sink's ratios are against this one.
+* sink → SQLite / PostgreSQL: `AuditSink` end to end (decode and validate every event, one
+  database transaction per partition batch, current-state views, commit), timed from partition
+  assignment to the last event written.
+* decode only, store only: validating the records into `AuditEvent`s, and `AuditStore.write`
+  of the decoded events in batches of the sink's size, each alone and without Kafka: where the
+  sink's time goes.
+
+Besides events/s, each row shows the process's CPU time per event, which a busy machine (other
+jobs on the same cores) distorts far less than the wall-clock rate.
+
+PostgreSQL is `ORCH_BENCH_POSTGRES_URL` (default: the local server,
+postgresql://postgres@127.0.0.1:5432/test) in a schema of its own, dropped afterwards; skipped
+with the reason when it does not answer. Targets (issue 6): ≥ 50,000 events/s into SQLite and
+≥ 30,000 events/s into PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.abc import ConsumerRebalanceListener
+
+from bench import BenchEnv, progress, table
+from orch_worker.adapters.db.store import open_store
+from orch_worker.adapters.kafka.clients import consumer_kwargs, ensure_topics, producer_kwargs
+from orch_worker.adapters.kafka.codec import decode, encode
+from orch_worker.adapters.kafka.sink_app import AuditSink, SinkStats
+from orch_worker.adapters.kafka.topics import Topics
+from orch_worker.domain.config import KafkaConfig, OrchConfig
+from orch_worker.domain.decider import Context, PortfolioState, on_report, on_signal
+from orch_worker.domain.models import AccountState, AuditEvent, ExecutionReport, Signal
+
+TITLE = "audit sink throughput (events/s) into SQLite and PostgreSQL vs a bare pass-through"
+
+EVENTS = 60_000
+PORTFOLIOS = 6
+ACCOUNTS = 3
+BATCH = 1000
+PG_URL = os.environ.get("ORCH_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+TIMEOUT_S = 300.0
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+
+# -- the records -------------------------------------------------------------------------------
+
+
+def _config() -> OrchConfig:
+    return OrchConfig.model_validate(
+        {
+            "instruments": {
+                "EURUSD": {
+                    "value_per_unit": "100000",
+                    "lot_step": "0.01",
+                    "min_quantity": "0.01",
+                    "max_quantity": "50",
+                    "margin_rate": "0.0333",
+                }
+            },
+            "portfolios": {
+                f"p{p}": {"allocation": "equal", "stagger": {"min_s": 0, "max_s": 0}}
+                for p in range(PORTFOLIOS)
+            },
+            "accounts": {
+                f"p{p}-A{a}": {"portfolio": f"p{p}"}
+                for p in range(PORTFOLIOS)
+                for a in range(ACCOUNTS)
+            },
+        }
+    )
+
+
+def _state(account_id: str, portfolio: str) -> AccountState:
+    money = "1000000"
+    return AccountState.model_validate(
+        {
+            "account_id": account_id,
+            "portfolio": portfolio,
+            "broker": "paper",
+            "status": "active",
+            "balance": money,
+            "equity": money,
+            "margin_used": "0",
+            "margin_available": money,
+            "day_start_equity": money,
+            "peak_equity": money,
+            "updated_at": NOW,
+        }
+    )
+
+
+def _report(intent_id: str, account: str, status: str, filled: str, n: int) -> ExecutionReport:
+    return ExecutionReport.model_validate(
+        {
+            "report_id": f"{intent_id}-{n}",
+            "intent_id": intent_id,
+            "account_id": account,
+            "order_id": f"o-{intent_id[:8]}",
+            "status": status,
+            "filled_quantity": filled,
+            "last_quantity": filled,
+            "last_price": "1.10012" if filled != "0" else None,
+            "avg_price": "1.10012" if filled != "0" else None,
+            "venue_time": NOW,
+        }
+    )
+
+
+def audit_events(n: int) -> list[AuditEvent]:
+    """At least `n` audit events from a real decider run, in publication order."""
+    cfg = _config()
+    accounts = {a: _state(a, c.portfolio) for a, c in cfg.accounts.items()}
+    states = {p: PortfolioState(portfolio=p) for p in cfg.portfolios}
+    out: list[AuditEvent] = []
+    i = 0
+    while len(out) < n:
+        p = f"p{i % PORTFOLIOS}"
+        now = NOW + timedelta(milliseconds=i)
+        ctx = Context(config=cfg, now=now, accounts=accounts)
+        signal = Signal.model_validate(
+            {
+                "signal_id": f"bench-{i}",
+                "portfolio": p,
+                "strategy_id": "bench",
+                "symbol": "EURUSD",
+                "side": "buy",
+                "order_type": "market",
+                "reference_price": "1.1000",
+                "stop_loss": "1.0950",
+                "quantity": "0.30",
+                "created_at": now,
+            }
+        )
+        d = on_signal(states[p], signal, ctx)
+        pf, intents = d.state, d.intents
+        out += d.audit
+        for it in intents:
+            half = str(it.quantity / 2)
+            steps = (("accepted", "0"), ("partially_filled", half), ("filled", str(it.quantity)))
+            for k, (status, filled) in enumerate(steps):
+                r = _report(it.intent_id, it.account_id, status, filled, k)
+                d = on_report(pf, signal.signal_id, r, ctx)
+                pf = d.state
+                out += d.audit
+        states[p] = pf
+        i += 1
+    return out
+
+
+# -- the runs -----------------------------------------------------------------------------------
+
+
+class _Assigned(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
+    def __init__(self, at: list[float]) -> None:
+        self.at = at
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        return None
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        if assigned and not self.at:
+            self.at.append(time.perf_counter())
+
+
+async def produce(cfg: KafkaConfig, topic: str, events: list[AuditEvent]) -> None:
+    producer = AIOKafkaProducer(**producer_kwargs(cfg))
+    await producer.start()
+    try:
+        acks = [await producer.send(topic, encode(e), key=e.portfolio.encode()) for e in events]
+        await asyncio.gather(*acks)
+    finally:
+        await producer.stop()
+
+
+async def pass_through(cfg: KafkaConfig, topic: str, n: int) -> tuple[float, float]:
+    """Records/s of consume → commit per partition batch, from assignment to the last record,
+    and the process's CPU time per record (µs)."""
+    assigned: list[float] = []
+    consumer = AIOKafkaConsumer(**consumer_kwargs(cfg, f"bench-pt-{uuid.uuid4().hex[:8]}"))
+    consumer.subscribe([topic], listener=_Assigned(assigned))
+    await consumer.start()
+    seen = 0
+    cpu = time.process_time()
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while seen < n and time.monotonic() < deadline:
+            polled = await consumer.getmany(timeout_ms=200, max_records=BATCH)
+            for tp, records in polled.items():
+                if records:
+                    seen += len(records)
+                    await consumer.commit({tp: records[-1].offset + 1})
+        done = time.perf_counter()
+        cpu = time.process_time() - cpu
+    finally:
+        await consumer.stop()
+    if seen < n:
+        raise RuntimeError(f"pass-through saw {seen} of {n} records in {TIMEOUT_S}s")
+    return n / (done - assigned[0]), cpu / n * 1e6
+
+
+async def sink(cfg: OrchConfig, db_url: str, n: int) -> tuple[float, float]:
+    """Events/s of the real sink, from partition assignment to the last event written, and the
+    process's CPU time per event (µs, all threads: a figure a busy machine does not distort)."""
+    stats = SinkStats()
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(
+        AuditSink(cfg, db_url=db_url, stats=stats).run(stop=stop, ready=ready)
+    )
+    try:
+        await asyncio.wait_for(ready.wait(), 60)
+        started, cpu = time.perf_counter(), time.process_time()
+        deadline = time.monotonic() + TIMEOUT_S
+        while stats.events_written < n:
+            if task.done():
+                task.result()
+                raise RuntimeError("the sink stopped early")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sink wrote {stats.events_written} of {n} in {TIMEOUT_S}s")
+            await asyncio.sleep(0.002)  # the counter has no event to wait on
+        elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    return n / elapsed, cpu / n * 1e6
+
+
+def store_only(db_url: str, events: list[AuditEvent]) -> tuple[float, float]:
+    """Events/s of `AuditStore.write` alone, in the sink's batch size, per portfolio."""
+    by_portfolio: dict[str, list[AuditEvent]] = {}
+    for e in events:
+        by_portfolio.setdefault(e.portfolio, []).append(e)
+    batches = [
+        evs[k : k + BATCH] for evs in by_portfolio.values() for k in range(0, len(evs), BATCH)
+    ]
+    with open_store(db_url) as store:
+        started, cpu = time.perf_counter(), time.process_time()
+        for b in batches:
+            store.write(b)
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return len(events) / elapsed, cpu / len(events) * 1e6
+
+
+def decode_only(events: list[AuditEvent]) -> tuple[float, float]:
+    """Events/s and CPU µs/event of validating the records into `AuditEvent`s, nothing else."""
+    raw = [encode(e) for e in events]
+    started, cpu = time.perf_counter(), time.process_time()
+    for value in raw:
+        decode(AuditEvent, value)
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return len(raw) / elapsed, cpu / len(raw) * 1e6
+
+
+def _pg_schema() -> tuple[str, Any] | None:
+    try:
+        import psycopg
+    except ImportError:
+        return None
+    try:
+        admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        progress(f"PostgreSQL not reachable at {PG_URL} ({exc}); its rows are skipped")
+        return None
+    return f"bench_sink_{uuid.uuid4().hex[:10]}", admin
+
+
+def _with_schema(url: str, schema: str) -> str:
+    return f"{url}{'&' if '?' in url else '?'}schema={schema}"
+
+
+@dataclass
+class Row:
+    name: str
+    per_second: float
+    cpu_us: float
+    target: float | None = None
+
+
+async def run(env: BenchEnv) -> None:
+    started = time.monotonic()
+    events = audit_events(EVENTS)
+    # The bench holds every event (millions of small objects) for the whole run; a real sink
+    # holds a poll or two. Frozen, they stay out of the garbage collector's passes, which would
+    # otherwise scan them over and over and bill it to whatever is being measured.
+    gc.collect()
+    gc.freeze()
+    n = len(events)
+    size = sum(len(encode(e)) for e in events) / n
+    progress(f"{n:,} audit events from a decider run ({size:,.0f} bytes each on average)")
+    kafka = env.kafka("sink", partitions=3)
+    topics = Topics(kafka.topic_prefix)
+    await ensure_topics(kafka, topics)
+    await produce(kafka, topics.audit, events)
+    progress(f"produced to {topics.audit}")
+
+    pt, pt_cpu = await pass_through(kafka, topics.audit, n)
+    progress(f"pass-through: {pt:,.0f} records/s")
+    rows = [Row("pass-through (aiokafka consume → commit)", pt, pt_cpu)]
+    rows.append(Row("decode only (AuditEvent validation, no Kafka)", *decode_only(events)))
+    tmp = Path(tempfile.mkdtemp(prefix="orch-bench-sink-"))
+    targets = {"sqlite": 50_000.0, "postgresql": 30_000.0}
+    urls = [("sqlite", f"sqlite:///{tmp / 'sink.db'}", f"sqlite:///{tmp / 'store.db'}")]
+    pg = _pg_schema()
+    if pg is not None:
+        schema, _ = pg
+        urls.append(
+            (
+                "postgresql",
+                _with_schema(PG_URL, schema),
+                _with_schema(PG_URL, schema + "_store"),
+            )
+        )
+    try:
+        for name, sink_url, store_url in urls:
+            cfg = OrchConfig.model_validate(
+                {"kafka": kafka, "sink": {"group_id": f"bench-sink-{uuid.uuid4().hex[:8]}"}}
+            )
+            rate, cpu = await sink(cfg, sink_url, n)
+            progress(f"sink → {name}: {rate:,.0f} events/s")
+            rows.append(Row(f"sink → {name} (end to end)", rate, cpu, targets[name]))
+            alone, cpu = await asyncio.to_thread(store_only, store_url, events)
+            progress(f"store only ({name}): {alone:,.0f} events/s")
+            rows.append(Row(f"store only ({name}, no Kafka, no decode)", alone, cpu))
+    finally:
+        if pg is not None:
+            schema, admin = pg
+            for s in (schema, schema + "_store"):
+                admin.execute(f"DROP SCHEMA IF EXISTS {s} CASCADE")
+            admin.close()
+
+    def fmt(r: Row) -> list[str]:
+        ratio = f"{r.per_second / pt:.2f}x" if pt else "n/a"
+        target = "" if r.target is None else f"{r.target:,.0f}"
+        verdict = "" if r.target is None else ("met" if r.per_second >= r.target else "MISSED")
+        return [r.name, f"{r.per_second:,.0f}", ratio, f"{r.cpu_us:.1f}", target, verdict]
+
+    load = os.getloadavg()[0]
+    print()
+    print(
+        table(
+            ["", "events/s", "vs pass-through", "CPU µs/event", "target", ""],
+            [fmt(r) for r in rows],
+        )
+    )
+    print(
+        f"(load average {load:.1f} on {os.cpu_count()} CPUs during the run: events/s falls on "
+        "a busy machine, CPU µs/event much less so)"
+    )
+    print()
+    progress(f"sink bench done in {time.monotonic() - started:.1f}s")

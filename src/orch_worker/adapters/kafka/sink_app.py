@@ -1,0 +1,411 @@
+"""The audit sink (`orch-worker sink`): `orch.audit` into the audit store, at least once, no loss.
+
+Commit order, per poll, and why:
+
+1. decode every record; the ones that do not decode (or that the store cannot hold exactly) are
+   set aside for the dead-letter topic, never dropped;
+2. write the decoded events of the poll, every partition's batch in chain order, in one database
+   transaction (idempotent on `event_id`, so a batch redelivered after a crash stores nothing
+   twice);
+3. publish the dead letters and wait for the broker's acknowledgement;
+4. only then commit `last offset + 1` for each partition of the poll.
+
+A crash anywhere before 4 means the batch is read again and steps 2 and 3 repeat harmlessly; a
+commit never runs ahead of what is durable. A database that is locked or unreachable is retried
+with back-off, uncommitted (if that outlasts the group's poll interval, the partition moves to
+another sink, whose re-read is just as harmless); any other failure stops the sink loudly rather
+than skipping records.
+
+Throughput: while the store thread decodes and writes poll N, the event loop already fetches
+poll N+1, so fetching overlaps the database work; poll N is committed before poll N+1 is
+written, so the order of steps 2-4 above holds for each poll. Decoding sits on the store thread
+because it holds the GIL: on the loop it would stall a write that releases the GIL row by row.
+One transaction per poll (not per partition) makes one fsync cover every partition the poll
+returned. Each event is encoded for the database once: the store's own check of what it cannot
+hold runs only when a write refuses an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, IllegalStateError
+
+from orch_worker.adapters.db.store import (
+    AuditStore,
+    StoreUnavailableError,
+    UnstorableEventError,
+    WriteResult,
+    open_store,
+)
+from orch_worker.adapters.kafka.clients import consumer_kwargs, ensure_topics, producer_kwargs
+from orch_worker.adapters.kafka.codec import DecodeError, dead_letter, decode, encode
+from orch_worker.adapters.kafka.topics import Topics
+from orch_worker.domain.config import OrchConfig
+from orch_worker.domain.models import AuditEvent
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+POLL_TIMEOUT_MS = 200
+"""How long one poll waits for records; also the longest a stop request waits to be noticed."""
+
+RETRY_BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+"""Waits between attempts to write a batch the database refused for a retryable reason."""
+
+
+@dataclass(slots=True)
+class SinkStats:
+    """Running totals since start, for tests, logs and the metrics endpoint."""
+
+    records: int = 0
+    """Records read from the audit topic (events, duplicates and dead letters alike)."""
+    events_written: int = 0
+    """Events new to the store."""
+    duplicates: int = 0
+    """Events the store already held, identical (redelivery, or a producer retry)."""
+    conflicts: int = 0
+    """Events whose id was stored with different content; kept in `audit_conflicts`."""
+    dead_lettered: int = 0
+    """Records sent to the dead-letter topic (undecodable, or not storable exactly)."""
+    batches: int = 0
+    """Partition batches written and committed."""
+    write_retries: int = 0
+    """Batch writes retried after a retryable database failure."""
+    commit_failures: int = 0
+    """Commits refused because the partition moved to another sink (it re-reads the batch)."""
+    committed: dict[TopicPartition, int] = field(default_factory=dict)
+    """The last offset committed per partition (the next offset to read)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Rejected:
+    record: ConsumerRecord[bytes, bytes]
+    error_type: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Wiring:
+    """The running sink's clients, store and stop signal, passed around as one."""
+
+    consumer: AIOKafkaConsumer
+    producer: AIOKafkaProducer
+    store: AuditStore
+    stop: asyncio.Event
+
+
+class _ReadyOnAssignment(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
+    """Sets `ready` once the group has given this sink its partitions (possibly none), and
+    settles the poll in flight before partitions go, so their new owner re-reads less."""
+
+    def __init__(self, ready: asyncio.Event | None, drain: Callable[[], Awaitable[None]]) -> None:
+        self._ready = ready
+        self._drain = drain
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if revoked:
+            log.info("audit partitions revoked: %s", _names(revoked))
+            await self._drain()
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info("audit partitions assigned: %s", _names(assigned) or "(none)")
+        if self._ready is not None:
+            self._ready.set()
+
+
+@dataclass(slots=True)
+class _Poll:
+    """One poll's records on their way to the store: what to write, dead-letter and commit.
+
+    Decoding happens on the store thread with the write, not on the event loop: decoding is
+    CPU work that holds the GIL, and beside a database write that releases it row by row it
+    would only make both wait for each other, while the loop is free to fetch the next poll.
+    """
+
+    sources: list[tuple[TopicPartition, ConsumerRecord[bytes, bytes]]]
+    offsets: dict[TopicPartition, int]
+    """The next offset to commit per partition."""
+    first: dict[TopicPartition, int]
+    events: list[AuditEvent] | None = None
+    """Decoded once, even if the write is retried."""
+    origins: list[tuple[TopicPartition, ConsumerRecord[bytes, bytes]]] = field(default_factory=list)
+    """Where each of `events` came from, to dead-letter one the store refuses."""
+    rejected: list[tuple[TopicPartition, _Rejected]] = field(default_factory=list)
+    """Records that did not decode or that the store cannot hold exactly: dead letters."""
+    write: asyncio.Task[WriteResult | None] | None = None
+
+    def decoded(self) -> list[AuditEvent]:
+        """The poll's events; undecodable records go to `rejected`."""
+        if self.events is None:
+            self.events = []
+            for tp, record in self.sources:
+                try:
+                    self.events.append(decode(AuditEvent, record.value))
+                except DecodeError as exc:
+                    self.rejected.append((tp, _Rejected(record, exc.error_type, str(exc))))
+                    continue
+                self.origins.append((tp, record))
+        return self.events
+
+    def set_aside_unstorable(self, store: AuditStore) -> list[AuditEvent]:
+        """Move the events `store` cannot hold exactly to `rejected`; return the others."""
+        keep: list[AuditEvent] = []
+        origins: list[tuple[TopicPartition, ConsumerRecord[bytes, bytes]]] = []
+        for event, (tp, record) in zip(self.decoded(), self.origins, strict=True):
+            reason = store.unstorable_reason(event)
+            if reason is None:
+                keep.append(event)
+                origins.append((tp, record))
+            else:
+                why = f"{event.event_id}: {reason}"
+                self.rejected.append((tp, _Rejected(record, "unstorable", why)))
+        self.events, self.origins = keep, origins
+        return keep
+
+
+def _store_batch(store: AuditStore, batch: _Poll) -> WriteResult:
+    """Decode and write one poll (on the store thread). The store's check of what it cannot
+    hold runs event by event only when the write as a whole refused, which is rare."""
+    try:
+        return store.write(batch.decoded())
+    except UnstorableEventError:
+        return store.write(batch.set_aside_unstorable(store))
+
+
+def _collect(polled: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> _Poll | None:
+    """The poll's records in partition order, and the offsets to commit once they are stored."""
+    batch = _Poll(sources=[], offsets={}, first={})
+    for tp, records in polled.items():
+        if records:
+            batch.offsets[tp] = records[-1].offset + 1
+            batch.first[tp] = records[0].offset
+            batch.sources += [(tp, r) for r in records]
+    return batch if batch.sources else None
+
+
+def _names(tps: set[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps))
+
+
+class AuditSink:
+    """Consumes the audit topic of one configuration into one audit store.
+
+    All store calls run on one dedicated thread: database work stays off the event loop (so the
+    consumer keeps heart-beating through a slow commit) and the store's single connection is
+    never used by two threads at once.
+    """
+
+    def __init__(
+        self, cfg: OrchConfig, *, db_url: str | None = None, stats: SinkStats | None = None
+    ) -> None:
+        self._cfg = cfg
+        self._db_url = db_url or cfg.sink.db
+        self._topics = Topics(cfg.kafka.topic_prefix)
+        self.stats = stats if stats is not None else SinkStats()
+        self._consumer_name = f"orch-worker sink ({cfg.sink.group_id})"
+        self._executor: ThreadPoolExecutor | None = None
+        self._io: _Wiring | None = None
+        self._in_flight: _Poll | None = None
+        """The poll being decoded and written while the next one is fetched."""
+        self._settling = asyncio.Lock()
+        """The main loop and a rebalance may both settle the poll in flight; one at a time."""
+        self._failure: BaseException | None = None
+        """A write that failed while a rebalance settled it: re-raised by the main loop."""
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            raise RuntimeError("the audit sink is not running")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def run(self, *, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        """Consume until `stop` is set; return after leaving the group and closing the store."""
+        if self._executor is not None:
+            raise RuntimeError("the audit sink is already running")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-store")
+        try:
+            await self._run(stop, ready)
+        finally:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    async def _run(self, stop: asyncio.Event, ready: asyncio.Event | None) -> None:
+        store = await self._db(open_store, self._db_url)
+        try:
+            await ensure_topics(self._cfg.kafka, self._topics)
+            producer = AIOKafkaProducer(**producer_kwargs(self._cfg.kafka))
+            consumer = AIOKafkaConsumer(**consumer_kwargs(self._cfg.kafka, self._cfg.sink.group_id))
+            self._io = _Wiring(consumer, producer, store, stop)
+            consumer.subscribe(
+                [self._topics.audit], listener=_ReadyOnAssignment(ready, self._drain)
+            )
+            await producer.start()
+            try:
+                await consumer.start()
+                try:
+                    await self._consume(self._io)
+                finally:
+                    await consumer.stop()
+            finally:
+                await producer.stop()
+        finally:
+            self._io = None
+            await self._db(store.close)
+
+    async def _drain(self) -> None:
+        """Settle the poll in flight before partitions are revoked (called by the listener)."""
+        if self._io is None:
+            return
+        try:
+            await self._settle(self._io)
+        except Exception as exc:  # the listener must not swallow it: the main loop re-raises
+            log.exception("audit write failed while partitions were being revoked")
+            self._failure = exc
+
+    async def _consume(self, io: _Wiring) -> None:
+        try:
+            while not io.stop.is_set():
+                polled: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+                polled = await io.consumer.getmany(
+                    timeout_ms=POLL_TIMEOUT_MS, max_records=self._cfg.sink.batch_size
+                )
+                if self._failure is not None:
+                    raise self._failure
+                batch = _collect(polled)
+                if not await self._settle(io):
+                    return
+                if batch is not None:
+                    batch.write = asyncio.create_task(self._write(io.store, batch, io.stop))
+                    self._in_flight = batch
+            await self._settle(io)
+        finally:
+            if self._in_flight is not None and self._in_flight.write is not None:
+                # Stopped, or failed: never leave the write running on a closing store.
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await self._in_flight.write
+                self._in_flight = None
+
+    async def _settle(self, io: _Wiring) -> bool:
+        """Finish the poll in flight: await its write, dead-letter, commit; False if stopped."""
+        async with self._settling:
+            batch, self._in_flight = self._in_flight, None
+            if batch is None or batch.write is None:
+                return True
+            result = await batch.write
+            if result is None:
+                return False  # stopped while the database was unavailable: nothing committed
+            if batch.rejected:
+                await self._dead_letter(io.producer, batch.rejected)
+            await self._commit(io, batch)
+            self._count(batch, result, len(batch.rejected))
+            return True
+
+    async def _commit(self, io: _Wiring, batch: _Poll) -> None:
+        try:
+            await io.consumer.commit(batch.offsets)
+            self.stats.committed.update(batch.offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            # The group moved a partition on; its new owner re-reads from the last commit and
+            # the idempotent write makes that harmless.
+            self.stats.commit_failures += 1
+            log.warning("commit of %s refused (%s)", _names(set(batch.offsets)), exc)
+
+    def _count(self, batch: _Poll, result: WriteResult, dead: int) -> None:
+        s = self.stats
+        s.records += len(batch.sources)
+        s.events_written += result.new
+        s.duplicates += result.duplicates
+        s.conflicts += result.conflicts
+        s.dead_lettered += dead
+        s.batches += 1
+        log.info(
+            "audit %s: %d records, %d new, %d duplicate, %d conflicting, %d dead-lettered",
+            ", ".join(
+                f"{tp.topic}[{tp.partition}]@{batch.first[tp]}-{o - 1}"
+                for tp, o in sorted(batch.offsets.items())
+            ),
+            len(batch.sources),
+            result.new,
+            result.duplicates,
+            result.conflicts,
+            dead,
+        )
+
+    async def _write(
+        self, store: AuditStore, batch: _Poll, stop: asyncio.Event
+    ) -> WriteResult | None:
+        attempt = 0
+        while True:
+            try:
+                return await self._db(_store_batch, store, batch)
+            except StoreUnavailableError as exc:
+                delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+                attempt += 1
+                self.stats.write_retries += 1
+                log.warning("audit store unavailable (%s); retry %d in %.1fs", exc, attempt, delay)
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                except TimeoutError:
+                    continue
+                return None
+
+    async def _dead_letter(
+        self, producer: AIOKafkaProducer, rejected: list[tuple[TopicPartition, _Rejected]]
+    ) -> None:
+        now = datetime.now(UTC)
+        sent = []
+        for tp, r in rejected:
+            letter = dead_letter(
+                topic=tp.topic,
+                partition=tp.partition,
+                offset=r.record.offset,
+                key=r.record.key,
+                value=r.record.value,
+                error_type=r.error_type,
+                error=r.error,
+                now=now,
+                consumer=self._consumer_name,
+            )
+            log.warning(
+                "dead-lettering %s[%d]@%d: %s: %s",
+                tp.topic,
+                tp.partition,
+                r.record.offset,
+                r.error_type,
+                r.error,
+            )
+            sent.append(
+                await producer.send(self._topics.dead_letter, encode(letter), key=r.record.key)
+            )
+        # Every dead letter must be acknowledged before the offsets behind it are committed.
+        await asyncio.gather(*sent)
+
+
+async def run_sink(
+    cfg: OrchConfig,
+    *,
+    stop: asyncio.Event,
+    ready: asyncio.Event | None = None,
+    db_url: str | None = None,
+    stats: SinkStats | None = None,
+) -> None:
+    """Run the audit sink until `stop` is set.
+
+    Args:
+        cfg: the configuration; `cfg.sink` gives the group id, batch size and default database.
+        stop: set it to leave the group, close the store and return.
+        ready: set once the consumer group has assigned this sink its partitions.
+        db_url: the audit store URL, overriding `cfg.sink.db` (the CLI's `--db`).
+        stats: counters to update in place (a fresh `SinkStats` if omitted).
+    """
+    await AuditSink(cfg, db_url=db_url, stats=stats).run(stop=stop, ready=ready)

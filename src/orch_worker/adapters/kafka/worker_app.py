@@ -1,0 +1,796 @@
+"""The worker process: a FastStream app whose handlers feed the pure decider.
+
+One batch subscriber in one consumer group reads signals, execution reports and control
+commands, so all decisions are taken by one sequential loop (single writer); account states are
+a table every worker reads whole. Offsets are committed manually, after the changelog, the
+outputs and the done marker are acknowledged by the broker (see `changelog` for the order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from aiokafka import ConsumerRebalanceListener, ConsumerRecord
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from faststream import AckPolicy, FastStream
+from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+
+from orch_worker.adapters.http import HealthServer
+from orch_worker.adapters.kafka.changelog import (
+    OutRecord,
+    Recovered,
+    decision_record,
+    done_record,
+    fold,
+)
+from orch_worker.adapters.kafka.clients import ensure_topics, faststream_security
+from orch_worker.adapters.kafka.codec import DecodeError, dead_letter, decode, encode
+from orch_worker.adapters.kafka.reader import partition_count, read_to_end
+from orch_worker.adapters.kafka.routing import (
+    BROADCAST_HEADER,
+    SOURCE_HEADER,
+    control_portfolio,
+    parse_source,
+    portfolio_partition,
+    report_portfolio,
+    source,
+)
+from orch_worker.adapters.kafka.topics import Topics
+from orch_worker.adapters.metrics import Metrics
+from orch_worker.adapters.timers import TimerService
+from orch_worker.domain import control_auth, decider
+from orch_worker.domain.book import AccountBook
+from orch_worker.domain.config import OrchConfig
+from orch_worker.domain.coordinator import IntentStatus
+from orch_worker.domain.decider import Context, Decision, PortfolioState
+from orch_worker.domain.models import (
+    AccountState,
+    AuditEvent,
+    ControlCommand,
+    DeadLetter,
+    ExecutionReport,
+    ExecutionResult,
+    Intervention,
+    OrderIntent,
+    PriceTick,
+    Signal,
+)
+from orch_worker.settings import ConfigError
+
+log = logging.getLogger("orch_worker.worker")
+
+Clock = Callable[[], datetime]
+
+CHUNK_S = 0.01
+"""Longest stretch of deciding before the slice is published and timers get a turn."""
+
+BROKER_MEMORY = timedelta(seconds=60)
+"""How far back release times count against a broker's rate budget."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class _Batch:
+    changelog: list[tuple[str, bytes]] = field(default_factory=list)
+    outputs: list[OutRecord] = field(default_factory=list)
+    outbox_ids: dict[str, list[str]] = field(default_factory=dict)
+    """Finished outboxes per portfolio: the done marker goes to that portfolio's partition."""
+
+
+class _Assigned(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Moves portfolio ownership with the decide group's partitions.
+
+    aiokafka calls these between polls, when no batch is being decided, so the state that
+    changes hands is always fully published.
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.event = asyncio.Event()
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        self.event.clear()
+        self.worker.rebalancing = True
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        owned = {tp.partition for tp in assigned if tp.topic == self.worker.topics.signals}
+        await self.worker.take_ownership(owned)
+        self.event.set()
+
+
+class Worker:
+    """State, recovery and the decision loop of one worker process."""
+
+    def __init__(self, cfg: OrchConfig, *, clock: Clock = utc_now, http: bool = True) -> None:
+        self.cfg = cfg
+        self.topics = Topics(cfg.kafka.topic_prefix)
+        self.clock = clock
+        self.metrics = Metrics.create("worker")
+        self.portfolios: dict[str, PortfolioState] = {}
+        self.intent_index: dict[str, tuple[str, str]] = {}
+        self.signal_index: dict[str, str] = {}
+        # Keeps per-portfolio numpy columns current as states arrive, so planning does not
+        # rebuild them per signal.
+        self.accounts = AccountBook(cfg)
+        self.recovered = False
+        self._assigned = _Assigned(self)
+        self.owned: set[int] = set()
+        self.n_partitions = 0
+        self.rebalancing = False
+        # One lock for the decision loop and the release timers: a single writer per worker.
+        self._lock = asyncio.Lock()
+        self.timers: TimerService[tuple[str, str]] = TimerService(clock)
+        self._broker_taken: dict[str, list[datetime]] = {}
+        self._open_signals: set[str] = set()
+        self._reserved: set[str] = set()
+        self.failed = asyncio.Event()
+        self.stopping = False
+        self.failure: BaseException | None = None
+        self.prices: dict[str, Decimal] = {}
+        self.http = (
+            HealthServer(
+                self.metrics.registry,
+                self.is_ready,
+                cfg.worker.http_port,
+                cfg.worker.http_host,
+                healthy=self.is_healthy,
+            )
+            if http
+            else None
+        )
+        self.broker = KafkaBroker(
+            cfg.kafka.bootstrap,
+            enable_idempotence=cfg.kafka.idempotence,
+            acks="all",
+            max_request_size=cfg.kafka.max_message_bytes,
+            # Decisions are written as bursts of records several KiB large; aiokafka's 16 KiB
+            # default batch would send each as its own request, one round trip apiece.
+            max_batch_size=max(cfg.kafka.max_message_bytes, 1_048_576),
+            security=faststream_security(cfg.kafka),
+            logger=log,
+            graceful_timeout=10.0,
+        )
+        self._subscribe()
+        self.app = FastStream(self.broker, logger=log)
+        self.app.on_startup(self.startup)
+        self.app.on_shutdown(self._begin_stop)
+        self.app.after_startup(self._start_timers)
+        self.app.after_shutdown(self.shutdown)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        return self.recovered and self._assigned.event.is_set() and not self.failed.is_set()
+
+    def is_healthy(self) -> bool:
+        return not self.failed.is_set()
+
+    async def wait_ready(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.is_ready():
+            if time.monotonic() > deadline:
+                raise TimeoutError("worker did not become ready")
+            await asyncio.sleep(0.02)
+
+    async def startup(self) -> None:
+        if self.http:
+            await self.http.start()
+        await ensure_topics(self.cfg.kafka, self.topics)
+        n_accounts = await read_to_end(self.cfg.kafka, self.topics.account_state, self._on_account)
+        log.info("account table loaded: %d records, %d accounts", n_accounts, len(self.accounts))
+        await read_to_end(self.cfg.kafka, self.topics.prices, self._on_price)
+        await self._check_partitions()
+        # The state itself is loaded per partition, when the group assigns them.
+
+    async def _begin_stop(self) -> None:
+        # From here on nothing new is decided: what is not yet committed is redelivered to
+        # whichever worker runs next, and a publish cut short by the closing producer is
+        # not a failure.
+        self.stopping = True
+        await self.timers.stop()
+
+    async def _start_timers(self) -> None:
+        # After the broker is connected: a due release publishes at once.
+        self.timers.start(self._fire)
+
+    def _fail(self, exc: BaseException) -> None:
+        """A decision was applied in memory but could not be made durable: stop deciding.
+
+        Memory is now ahead of Kafka, so carrying on could lose or repeat work. Nothing more is
+        committed; `failed` is set (health turns 503) and `orch-worker run` exits non-zero so a
+        supervisor restarts it, and the restart rebuilds the state from the changelog.
+        """
+        if self.failed.is_set():
+            return
+        if self.stopping:
+            log.info("publish cut short by shutdown (%r); uncommitted input is redelivered", exc)
+            return
+        log.critical("could not publish a decision, stopping: %r", exc, exc_info=exc)
+        self.failure = exc
+        self.failed.set()
+
+    async def shutdown(self) -> None:
+        await self.timers.stop()
+        if self.http:
+            await self.http.stop()
+
+    async def _check_partitions(self) -> None:
+        t = self.topics
+        counts = {
+            topic: await partition_count(self.cfg.kafka, topic)
+            for topic in (t.signals, t.portfolio_inputs, t.changelog)
+        }
+        if len(set(counts.values())) != 1 or 0 in counts.values():
+            raise ConfigError(
+                "signals, the portfolio-inputs and changelog topics must have the same "
+                f"number of partitions (co-partitioned by portfolio); found {counts}"
+            )
+        self.n_partitions = counts[t.signals]
+
+    def owns(self, portfolio: str) -> bool:
+        return portfolio_partition(portfolio, self.n_partitions) in self.owned
+
+    async def take_ownership(self, owned: set[int]) -> None:
+        """Drop portfolios whose partitions left, load those that arrived, re-arm the timers."""
+        async with self._lock:
+            lost, gained = self.owned - owned, owned - self.owned
+            self.owned = set(owned)
+            if lost:
+                self.portfolios = {n: p for n, p in self.portfolios.items() if self.owns(n)}
+            if gained:
+                await self.recover(gained)
+            self._reindex()
+            self.rebalancing = False
+            self.recovered = True
+            self.metrics.owned_partitions.set(len(owned))
+            log.info(
+                "own partitions %s (gained %s, lost %s): %d portfolios, %d open signals, "
+                "%d pending timers",
+                sorted(owned),
+                sorted(gained),
+                sorted(lost),
+                len(self.portfolios),
+                len(self._open_signals),
+                len(self.timers),
+            )
+
+    def _reindex(self) -> None:
+        self.intent_index.clear()
+        self.signal_index.clear()
+        self._open_signals.clear()
+        self._reserved.clear()
+        self._broker_taken.clear()
+        self.timers.clear()
+        for pf in self.portfolios.values():
+            self._index(pf, tuple(pf.signals))
+
+    async def recover(self, partitions: set[int]) -> None:
+        """Rebuild these partitions' portfolios from the changelog; finish unfinished outboxes."""
+        rec = Recovered()
+        await read_to_end(
+            self.cfg.kafka,
+            self.topics.changelog,
+            lambda r: fold(rec, r.value),
+            partitions=partitions,
+        )
+        for name, pf in rec.portfolios.items():
+            if self.owns(name):
+                self.portfolios[name] = pf
+        log.info(
+            "recovered %d changelog records of partitions %s: %d portfolios, %d signals, "
+            "%d unfinished outboxes",
+            rec.records,
+            sorted(partitions),
+            len(rec.portfolios),
+            sum(len(p.signals) for p in rec.portfolios.values()),
+            len(rec.pending),
+        )
+        if not rec.pending:
+            return
+        released: set[str] = set()
+
+        def seen_intent(r: ConsumerRecord[bytes, bytes]) -> None:
+            try:
+                released.add(OrderIntent.model_validate_json(r.value).intent_id)
+            except ValueError:
+                return
+
+        await read_to_end(self.cfg.kafka, self.topics.order_intents, seen_intent)
+        futures = []
+        for records in rec.pending.values():
+            for r in records:
+                if r.topic == self.topics.order_intents:
+                    intent_id = OrderIntent.model_validate_json(r.value).intent_id
+                    if intent_id in released:
+                        continue  # published before the crash: never release twice
+                futures.append(await self._send(r.topic, r.key, r.value))
+                self.metrics.recovered.labels(r.topic).inc()
+        await asyncio.gather(*futures)
+        for portfolio, outbox_ids in rec.pending_by_portfolio().items():
+            await (await self._send(self.topics.changelog, portfolio, done_record(outbox_ids)))
+
+    # -- subscribers -----------------------------------------------------------------------
+
+    def _subscribe(self) -> None:
+        k = self.cfg.kafka
+        t = self.topics
+        common: dict[str, Any] = {
+            "batch": True,
+            "max_records": self.cfg.worker.max_batch,
+            "batch_timeout_ms": 100,
+            "fetch_max_wait_ms": k.fetch_wait,
+            "ack_policy": AckPolicy.MANUAL,
+            "auto_offset_reset": k.auto_offset_reset,
+            "max_partition_fetch_bytes": max(k.max_message_bytes * 2, 1_048_576),
+        }
+        group: dict[str, Any] = {
+            "session_timeout_ms": k.session_timeout,
+            "heartbeat_interval_ms": k.heartbeat_interval,
+        }
+        # Range assignment gives partition i of both topics to one member: with the changelog
+        # keyed the same way, a portfolio's inputs and state move together on failover.
+        self.broker.subscriber(
+            t.signals,
+            t.portfolio_inputs,
+            group_id=self.cfg.worker.group_id,
+            listener=self._assigned,
+            partition_assignment_strategy=(RangePartitionAssignor,),
+            title="decide",
+            description="Signals and routed reports/control, by portfolio: one decision loop.",
+            **group,
+            **common,
+        )(self.handle_batch)
+        self.broker.subscriber(
+            t.execution_reports,
+            t.control,
+            group_id=f"{self.cfg.worker.group_id}-router",
+            title="route",
+            description="Execution reports and control commands, re-keyed by portfolio.",
+            **group,
+            **common,
+        )(self.handle_route)
+        # Declared for the AsyncAPI document: what the worker publishes, with its schemas.
+        outputs: list[tuple[str, type[Any], str]] = [
+            (t.order_intents, OrderIntent, "Per-account orders, keyed by account_id."),
+            (t.execution_results, ExecutionResult, "Per-signal progress and outcome."),
+            (t.interventions, Intervention, "Decisions that need a human."),
+            (t.audit, AuditEvent, "Hash-chained decisions and transitions, keyed by portfolio."),
+            (t.dead_letter, DeadLetter, "Refused input with its origin and the reason."),
+        ]
+        for topic, model, text in outputs:
+            self.broker.publisher(topic, schema=model, title=topic, description=text)
+        # A table, not a stream: every worker reads every account state, so no group.
+        self.broker.subscriber(
+            t.account_state,
+            title="account-table",
+            description="Latest AccountState per account (client-side compaction).",
+            **{**common, "auto_offset_reset": "earliest"},
+        )(self.handle_accounts)
+        self.broker.subscriber(
+            t.prices,
+            title="price-table",
+            description="Latest price per symbol, for the release drift budget (optional).",
+            **{**common, "auto_offset_reset": "earliest"},
+        )(self.handle_prices)
+
+    async def handle_accounts(self, msg: KafkaMessage) -> None:
+        for rec in _records(msg):
+            self.metrics.consumed.labels(rec.topic).inc()
+            self._on_account(rec)
+        # No group, nothing to commit: the table is rebuilt from the topic at every start.
+
+    def _on_account(self, rec: ConsumerRecord[bytes, bytes]) -> None:
+        try:
+            state = decode(AccountState, rec.value)
+        except DecodeError as exc:
+            # Refused by the table; dead-lettered once by whichever worker sees it during its
+            # live subscription would duplicate across workers, so log and count instead.
+            self.metrics.dead_lettered.labels(rec.topic, exc.error_type).inc()
+            log.warning(
+                "ignored invalid account state at %s/%d: %s", rec.partition, rec.offset, exc
+            )
+            return
+        old = self.accounts.get(state.account_id)
+        if old is None or state.updated_at >= old.updated_at:
+            self.accounts.update(state)
+
+    async def handle_batch(self, msg: KafkaMessage) -> None:
+        started = time.perf_counter()
+        records = list(_records(msg))
+        done = 0
+        # Decide in slices of at most CHUNK_S of work, making each durable and letting due
+        # release timers in between: a large batch must not hold releases back. A crash
+        # between slices redelivers the batch, and the decided part dedupes as duplicates.
+        while done < len(records):
+            async with self._lock:
+                if self.failed.is_set() or self.stopping:
+                    return  # nothing more is decided or committed; the restart redelivers
+                batch = _Batch()
+                chunk_started = time.perf_counter()
+                while done < len(records):
+                    rec = records[done]
+                    done += 1
+                    self.metrics.consumed.labels(rec.topic).inc()
+                    self._decide(rec, batch)
+                    if time.perf_counter() - chunk_started > CHUNK_S:
+                        break
+                try:
+                    await self._publish(batch)
+                except Exception as exc:  # any failure leaves memory ahead of Kafka
+                    self._fail(exc)
+                    return
+            await asyncio.sleep(0)
+        async with self._lock:
+            if not self.failed.is_set() and not self.stopping:
+                await msg.ack()
+        self.metrics.handler_latency.labels("decide").observe(time.perf_counter() - started)
+        self.metrics.open_signals.set(len(self._open_signals))
+        self.metrics.pending_releases.set(len(self.timers))
+
+    # -- deciding --------------------------------------------------------------------------
+
+    def _decide(self, rec: ConsumerRecord[bytes, bytes], batch: _Batch) -> None:
+        t = self.topics
+        now = self.clock()
+        ctx = self._context(now)
+        try:
+            source = rec.topic
+            if rec.topic == t.portfolio_inputs:
+                source = parse_source(_header(rec, SOURCE_HEADER) or "?/0/0")[0]
+            if source == t.signals:
+                signal = decode(Signal, rec.value)
+                if signal.portfolio not in self.cfg.portfolios:
+                    raise DecodeError(
+                        "unknown_portfolio", f"no portfolio {signal.portfolio!r} configured"
+                    )
+                if not self.owns(signal.portfolio):
+                    # Produced with another partitioner: send it to its portfolio's partition.
+                    self._forward(rec, signal.portfolio, batch)
+                    return
+                pf = self._portfolio(signal.portfolio)
+                self._apply("signal", decider.on_signal(pf, signal, ctx), batch, None)
+            elif source == t.execution_reports:
+                report = decode(ExecutionReport, rec.value)
+                where = self.intent_index.get(report.intent_id)
+                if where is None:
+                    raise DecodeError(
+                        "unknown_intent", f"no intent {report.intent_id} is followed here"
+                    )
+                portfolio, signal_id = where
+                pf = self._portfolio(portfolio)
+                self._apply("report", decider.on_report(pf, signal_id, report, ctx), batch, None)
+            elif source == t.control:
+                cmd = decode(ControlCommand, rec.value)
+                if _header(rec, BROADCAST_HEADER) and (cmd.signal_id not in self.signal_index):
+                    return  # a copy for every partition; this one's owner has no such signal
+                pf = self._portfolio(self._control_portfolio(cmd))
+                self._authorise(cmd, pf, now)
+                self._apply("control", decider.on_control(pf, cmd, ctx), batch, cmd.command_id)
+        except DecodeError as exc:
+            self._dead_letter(rec, exc.error_type, str(exc), now, batch)
+        except Exception as exc:  # a bug met by this input: keep it, keep going
+            # The core is pure, so a failed decision changed nothing: the input is kept in the
+            # dead-letter topic with the error, and the worker carries on with the next one.
+            log.exception("deciding %s/%d@%d failed", rec.topic, rec.partition, rec.offset)
+            self._dead_letter(rec, "processing_error", repr(exc), now, batch)
+
+    def _authorise(self, cmd: ControlCommand, pf: PortfolioState, now: datetime) -> None:
+        secret = self.cfg.worker.control_secret
+        if secret is None:
+            return
+        refused = control_auth.refusal(
+            cmd,
+            secret.get_secret_value().encode(),
+            now,
+            max_age_s=self.cfg.worker.control_max_age_s,
+            max_skew_s=self.cfg.worker.control_max_skew_s,
+            seen=pf.seen_commands,
+        )
+        if refused is not None:
+            raise DecodeError(*refused)
+
+    def _forward(self, rec: ConsumerRecord[bytes, bytes], portfolio: str, batch: _Batch) -> None:
+        batch.outputs.append(
+            OutRecord(
+                self.topics.portfolio_inputs,
+                portfolio,
+                rec.value or b"",
+                ((SOURCE_HEADER, source(rec.topic, rec.partition, rec.offset)),),
+            )
+        )
+        self.metrics.outcomes.labels("route", "forwarded").inc()
+
+    async def handle_route(self, msg: KafkaMessage) -> None:
+        """Re-key execution reports and control commands by portfolio, then commit."""
+        t = self.topics
+        batch = _Batch()
+        for rec in _records(msg):
+            self.metrics.consumed.labels(rec.topic).inc()
+            now = self.clock()
+            try:
+                if rec.topic == t.execution_reports:
+                    report = decode(ExecutionReport, rec.value)
+                    portfolio = report_portfolio(report, self.cfg)
+                    if portfolio is None:
+                        raise DecodeError(
+                            "unknown_account", f"no account {report.account_id!r} configured"
+                        )
+                    self._forward(rec, portfolio, batch)
+                else:
+                    cmd = decode(ControlCommand, rec.value)
+                    portfolio = control_portfolio(cmd, self.cfg)
+                    if portfolio is not None:
+                        if portfolio not in self.cfg.portfolios:
+                            raise DecodeError(
+                                "unknown_portfolio", f"no portfolio {portfolio!r} configured"
+                            )
+                        self._forward(rec, portfolio, batch)
+                    elif cmd.signal_id is not None:
+                        self._broadcast(rec, batch)
+                    else:
+                        raise DecodeError(
+                            "unknown_target",
+                            "control command names no known portfolio, account or signal",
+                        )
+            except DecodeError as exc:
+                self._dead_letter(rec, exc.error_type, str(exc), now, batch)
+        try:
+            await self._publish(batch)
+        except Exception as exc:  # not acked: the records are routed again after a restart
+            self._fail(exc)
+            return
+        await msg.ack()
+
+    def _broadcast(self, rec: ConsumerRecord[bytes, bytes], batch: _Batch) -> None:
+        """A command that names only a signal goes to every partition; its owner acts on it."""
+        origin = source(rec.topic, rec.partition, rec.offset)
+        for partition in range(self.n_partitions):
+            batch.outputs.append(
+                OutRecord(
+                    self.topics.portfolio_inputs,
+                    None,
+                    rec.value or b"",
+                    ((SOURCE_HEADER, origin), (BROADCAST_HEADER, "1")),
+                    partition,
+                )
+            )
+
+    def _control_portfolio(self, cmd: ControlCommand) -> str:
+        if cmd.portfolio is not None:
+            name = cmd.portfolio
+        elif cmd.account_id is not None and cmd.account_id in self.cfg.accounts:
+            name = self.cfg.accounts[cmd.account_id].portfolio
+        elif cmd.signal_id is not None and cmd.signal_id in self.signal_index:
+            name = self.signal_index[cmd.signal_id]
+        else:
+            raise DecodeError(
+                "unknown_target", "control command names no known portfolio, account or signal"
+            )
+        if name not in self.cfg.portfolios:
+            raise DecodeError("unknown_portfolio", f"no portfolio {name!r} configured")
+        return name
+
+    def _portfolio(self, name: str) -> PortfolioState:
+        pf = self.portfolios.get(name)
+        if pf is None:
+            pf = self.portfolios[name] = PortfolioState(portfolio=name)
+        return pf
+
+    def _apply(self, kind: str, d: Decision, batch: _Batch, command_id: str | None) -> None:
+        self.metrics.outcomes.labels(kind, d.outcome).inc()
+        if not d.has_outputs and d.state is self.portfolios.get(d.state.portfolio):
+            return
+        t = self.topics
+        outbox = [OutRecord(t.order_intents, i.account_id, encode(i)) for i in d.intents]
+        outbox += [OutRecord(t.execution_results, r.signal_id, encode(r)) for r in d.results]
+        outbox += [OutRecord(t.interventions, i.signal_id, encode(i)) for i in d.interventions]
+        outbox += [OutRecord(t.audit, e.portfolio, encode(e)) for e in d.audit]
+        outbox_id = uuid.uuid4().hex
+        record = decision_record(outbox_id, d.state, d.changed_signals, command_id, outbox)
+        # Memory moves only once everything to publish is built: an error above leaves the
+        # state as it was, so the input can be dead-lettered without diverging from Kafka.
+        self.portfolios[d.state.portfolio] = d.state
+        self._index(d.state, d.changed_signals)
+        batch.changelog.append((d.state.portfolio, record))
+        batch.outputs += outbox
+        batch.outbox_ids.setdefault(d.state.portfolio, []).append(outbox_id)
+        for i in d.intents:
+            self.metrics.intents.labels(i.kind.value).inc()
+        for r in d.results:
+            self.metrics.results.labels(r.status.value).inc()
+
+    def _index(self, pf: PortfolioState, signal_ids: tuple[str, ...]) -> None:
+        for sid in signal_ids:
+            st = pf.signals[sid]
+            self.signal_index[sid] = pf.portfolio
+            if st.status.terminal:
+                self._open_signals.discard(sid)
+            else:
+                self._open_signals.add(sid)
+            for i in st.intents:
+                iid = i.intent.intent_id
+                self.intent_index[iid] = (pf.portfolio, sid)
+                for cancel_id in i.cancel_ids:  # a venue's refusal of a cancel names the cancel
+                    self.intent_index[cancel_id] = (pf.portfolio, sid)
+                if (
+                    i.status is IntentStatus.SCHEDULED
+                    and iid not in self._reserved
+                    and self._rated(i.intent.broker)
+                ):
+                    # Only brokers with a rate budget need their reservations remembered.
+                    self._reserved.add(iid)
+                    bisect.insort(
+                        self._broker_taken.setdefault(i.intent.broker, []),
+                        i.intent.scheduled_at,
+                    )
+            # Every time-driven step of a signal (a release, a timeout, a retry) is found by
+            # the pure core; the shell only sets an alarm for it.
+            wake = decider.next_wake(st, self.cfg)
+            if wake is not None:
+                self.timers.add(wake, (sid, wake), (pf.portfolio, sid))
+
+    def _rated(self, broker: str) -> bool:
+        found = self.cfg.brokers.get(broker)
+        return found is not None and found.max_orders_per_s is not None
+
+    def _context(self, now: datetime) -> Context:
+        horizon = now - BROKER_MEMORY
+        for times in self._broker_taken.values():
+            if times and times[0] < horizon:
+                del times[: bisect.bisect_left(times, horizon)]  # kept sorted by insort
+        return Context(
+            config=self.cfg,
+            now=now,
+            accounts=self.accounts,
+            broker_taken=self._broker_taken,
+            prices=self.prices,
+        )
+
+    def _on_price(self, rec: ConsumerRecord[bytes, bytes]) -> None:
+        try:
+            tick = decode(PriceTick, rec.value)
+        except DecodeError as exc:
+            self.metrics.dead_lettered.labels(rec.topic, exc.error_type).inc()
+            log.warning("ignored invalid price at %s/%d: %s", rec.partition, rec.offset, exc)
+            return
+        self.prices[tick.symbol] = tick.price
+
+    async def handle_prices(self, msg: KafkaMessage) -> None:
+        for rec in _records(msg):
+            self.metrics.consumed.labels(rec.topic).inc()
+            self._on_price(rec)
+
+    async def _fire(self, due: list[tuple[str, str]]) -> None:
+        """Timers fired: release what is due, under the same lock as the decision loop."""
+        async with self._lock:
+            if self.failed.is_set():
+                return
+            now = self.clock()
+            ctx = self._context(now)
+            by_portfolio: dict[str, list[str]] = {}
+            for portfolio, sid in due:
+                if self.rebalancing or portfolio not in self.portfolios:
+                    continue  # moving to another worker, which re-arms its own timers
+                ids = by_portfolio.setdefault(portfolio, [])
+                if sid not in ids:
+                    ids.append(sid)
+            batch = _Batch()
+            for portfolio, sids in by_portfolio.items():
+                # One decision per signal keeps every changelog record small, however many
+                # releases fall due at once (e.g. right after a restart).
+                for sid in sids:
+                    pf = self._portfolio(portfolio)
+                    self._apply("timer", decider.on_due(pf, [sid], ctx), batch, None)
+            try:
+                await self._publish(batch)
+            except Exception as exc:  # any failure leaves memory ahead of Kafka
+                self._fail(exc)
+
+    def _dead_letter(
+        self,
+        rec: ConsumerRecord[bytes, bytes],
+        error_type: str,
+        error: str,
+        now: datetime,
+        batch: _Batch,
+    ) -> None:
+        # A routed record is reported where it came from, so operators find the original.
+        topic, partition, offset = rec.topic, rec.partition, rec.offset
+        origin = _header(rec, SOURCE_HEADER) if topic == self.topics.portfolio_inputs else None
+        if origin is not None:
+            topic, partition, offset = parse_source(origin)
+        self.metrics.dead_lettered.labels(topic, error_type).inc()
+        log.warning("dead-lettered %s/%d@%d: %s", topic, partition, offset, error)
+        dl = dead_letter(
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            key=rec.key,
+            value=rec.value,
+            error_type=error_type,
+            error=error,
+            now=now,
+            consumer=self.cfg.worker.group_id,
+        )
+        key = rec.key.decode("utf-8", "replace") if rec.key is not None else None
+        batch.outputs.append(OutRecord(self.topics.dead_letter, key, encode(dl)))
+
+    # -- publishing ------------------------------------------------------------------------
+
+    async def _send(
+        self,
+        topic: str,
+        key: str | None,
+        value: bytes,
+        headers: tuple[tuple[str, str], ...] = (),
+        partition: int | None = None,
+    ) -> asyncio.Future[Any]:
+        sent: Any = await self.broker.publish(
+            value,
+            topic,
+            key=key.encode("utf-8") if key is not None else None,
+            headers=dict(headers) if headers else None,
+            partition=partition,
+            no_confirm=True,
+        )
+        self.metrics.published.labels(topic).inc()
+        if isinstance(sent, asyncio.Future):
+            return sent
+        # The in-memory test broker delivers synchronously and returns the result itself.
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        done.set_result(sent)
+        return done
+
+    async def _publish(self, batch: _Batch) -> None:
+        if batch.changelog:
+            await asyncio.gather(
+                *[await self._send(self.topics.changelog, p, v) for p, v in batch.changelog]
+            )
+        if batch.outputs:
+            await asyncio.gather(
+                *[
+                    await self._send(o.topic, o.key, o.value, o.headers, o.partition)
+                    for o in batch.outputs
+                ]
+            )
+        if batch.outbox_ids:
+            # Done markers are keyed by portfolio so they follow their decisions in the same
+            # partition. Losing one only means a restart republishes outputs that consumers
+            # already deduplicate (and intents are checked against the topic first).
+            await asyncio.gather(
+                *[
+                    await self._send(self.topics.changelog, p, done_record(ids))
+                    for p, ids in batch.outbox_ids.items()
+                ]
+            )
+
+
+def _header(rec: ConsumerRecord[bytes, bytes], name: str) -> str | None:
+    for key, value in rec.headers or ():
+        if key == name:
+            return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    return None
+
+
+def _records(msg: KafkaMessage) -> Sequence[ConsumerRecord[bytes, bytes]]:
+    raw = msg.raw_message
+    if isinstance(raw, (tuple, list)):
+        return raw
+    return (raw,)
+
+
+def build_worker(cfg: OrchConfig, *, clock: Clock = utc_now, http: bool = True) -> Worker:
+    return Worker(cfg, clock=clock, http=http)

@@ -1,0 +1,96 @@
+"""Release timers: one heap and one task, accurate to about a millisecond with many pending.
+
+A single sleeping task wakes for the earliest due time (or when an earlier timer is added) and
+hands every due payload to one callback, so thousands of timers cost one wake-up each, not one
+task each. Timers live only in memory: the worker rebuilds them from its recovered state, which
+is what makes scheduled releases survive a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+from collections.abc import Awaitable, Callable, Hashable
+from datetime import datetime
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+P = TypeVar("P")
+
+SPIN_S = 0.002
+"""Sleep until this close to the due time, then yield to the loop until it arrives: asyncio's
+timer granularity alone would release up to a millisecond late."""
+
+
+class TimerService(Generic[P]):
+    def __init__(self, clock: Callable[[], datetime]) -> None:
+        self._clock = clock
+        self._heap: list[tuple[datetime, int, Hashable, P]] = []
+        self._keys: set[Hashable] = set()
+        self._counter = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, due: datetime, key: Hashable, payload: P) -> None:
+        """Schedule `payload` at `due`; a key already pending is not added twice."""
+        if key in self._keys:
+            return
+        self._keys.add(key)
+        self._counter += 1
+        earliest = self._heap[0][0] if self._heap else None
+        heapq.heappush(self._heap, (due, self._counter, key, payload))
+        if earliest is None or due < earliest:
+            self._wake.set()
+
+    def clear(self) -> None:
+        """Forget every pending timer (the owner re-adds what it still needs)."""
+        self._heap.clear()
+        self._keys.clear()
+
+    def start(self, fire: Callable[[list[P]], Awaitable[None]]) -> None:
+        self._task = asyncio.create_task(self._run(fire), name="release-timers")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self, fire: Callable[[list[P]], Awaitable[None]]) -> None:
+        while True:
+            if not self._heap:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            delay = (self._heap[0][0] - self._clock()).total_seconds()
+            if delay > SPIN_S:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay - SPIN_S)
+                continue
+            if delay > 0:
+                await asyncio.sleep(0)
+                continue
+            now = self._clock()
+            due: list[P] = []
+            while self._heap and self._heap[0][0] <= now:
+                _, _, key, payload = heapq.heappop(self._heap)
+                self._keys.discard(key)
+                due.append(payload)
+            try:
+                await fire(due)
+            except Exception:
+                # A failed release must not stop every later one; the decision is retried by
+                # re-adding nothing here: the state still says scheduled, so a restart (or the
+                # next fire for the signal) releases it.
+                log.exception("releasing %d due timers failed", len(due))
