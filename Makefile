@@ -37,7 +37,7 @@ demo: $(STAMP)
 	$(BIN)/orch-worker demo
 
 test: $(STAMP) kcat chromium
-	ORCH_FUZZ_EXAMPLES=10000 $(BIN)/pytest -q -p no:cacheprovider
+	ORCH_FUZZ_EXAMPLES=10000 $(BIN)/pytest -q -p no:cacheprovider --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider tests/unit tests/component
