@@ -66,6 +66,7 @@ class Run:
         self.accounts = accounts or {a: f.account(a) for a in ACCOUNTS}
         self.prices: dict[str, Decimal] = prices or {}
         self.pf = PortfolioState(portfolio="demo")
+        self.listening_since: dict[str, datetime] = {}
         self.t = 0.0
         self.decisions: list[Decision] = []
         self._n = 0
@@ -75,7 +76,18 @@ class Run:
         return f.NOW + timedelta(seconds=self.t)
 
     def ctx(self) -> Context:
-        return Context(config=self.cfg, now=self.now, accounts=self.accounts, prices=self.prices)
+        return Context(
+            config=self.cfg,
+            now=self.now,
+            accounts=self.accounts,
+            prices=self.prices,
+            listening_since=self.listening_since,
+        )
+
+    def restart(self) -> Run:
+        """The worker (re)starts listening now: as after a crash or a handover."""
+        self.listening_since["demo"] = self.now
+        return self
 
     def at(self, t: float) -> Run:
         self.t = t
@@ -122,7 +134,7 @@ class Run:
 
     def wake(self, signal_id: str = "sig-1") -> Decision:
         """Move the clock to the signal's next wake-up and fire it."""
-        when = next_wake(self.st(signal_id), self.cfg)
+        when = next_wake(self.st(signal_id), self.cfg, self.listening_since.get("demo"))
         assert when is not None, "nothing waits for the clock"
         self.t = max(self.t, (when - f.NOW).total_seconds())
         return self.due(signal_id)

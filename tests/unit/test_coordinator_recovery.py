@@ -382,6 +382,47 @@ def test_no_report_within_the_ack_timeout_escalates_and_sends_nothing() -> None:
     assert run.status() is ResultStatus.EXECUTING
 
 
+def test_a_timeout_that_ran_out_while_nobody_listened_counts_from_the_restart() -> None:
+    run = planned()
+    first = run.last("ACC-1")
+    assert first.deadline == run.now + timedelta(seconds=10)
+
+    # Down from t=2 to t=50: the fill came at t=3 and waits unread in the backlog.
+    d = run.at(50).restart().due()
+    assert d.interventions == ()
+    assert run.last("ACC-1").status is IntentStatus.RELEASED
+    assert next_wake(run.st(), run.cfg, run.listening_since["demo"]) == f.NOW + timedelta(
+        seconds=60
+    )
+    run.at(51).report(first, "filled", "0.33")
+    assert run.last("ACC-1").status is IntentStatus.FILLED
+
+
+def test_a_silent_order_is_still_escalated_one_window_after_the_restart() -> None:
+    run = planned()
+    run.at(50).restart().due()
+
+    d = run.wake()
+
+    assert run.t == 60
+    assert {i.reason_code for i in d.interventions} >= {"unknown_outcome"}
+    assert run.last("ACC-1").status is IntentStatus.UNKNOWN
+
+
+def test_a_completion_timeout_after_a_restart_also_waits_a_full_window() -> None:
+    run = planned(execution={**FAST, "completion_timeout_s": 20, "partial_fill_threshold": 1.0})
+    for account in ("ACC-1", "ACC-2", "ACC-3"):
+        run.at(1).report(run.last(account), "partially_filled", "0.10")
+    assert run.last("ACC-1").deadline == f.NOW + timedelta(seconds=21)
+
+    run.at(100).restart().due()
+    assert run.last("ACC-1").status is IntentStatus.PARTIALLY_FILLED  # nothing cancelled yet
+
+    run.wake()
+    assert run.t == 120
+    assert run.last("ACC-1").status is IntentStatus.CANCEL_REQUESTED
+
+
 def test_an_unknown_outcome_timing_out_is_never_retried_on_the_same_account() -> None:
     run = planned(execution={**FAST, "intervention_default_action": "retry"})
     run.at(10).due()

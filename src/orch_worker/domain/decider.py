@@ -96,6 +96,9 @@ class Context:
     """Release times already reserved at each broker, by every portfolio of this worker."""
     prices: Mapping[str, Decimal] = field(default_factory=dict)
     """Latest known price per symbol, for the drift budget."""
+    listening_since: Mapping[str, datetime] = field(default_factory=dict)
+    """Per portfolio, when this worker began reading its inputs (start-up or handover): order
+    timeouts count only time spent listening (`execution.effective_deadline`)."""
 
 
 def _finish(
@@ -293,6 +296,7 @@ def _env(pf: PortfolioState, ctx: Context) -> Env:
         prices=ctx.prices,
         paused=pf.paused_accounts,
         halted=pf.halted,
+        listening_since=ctx.listening_since.get(pf.portfolio),
     )
 
 
@@ -307,7 +311,9 @@ def _health(work: Work) -> dict[str, object]:
     return {"account_health": {a: h for a, h in sorted(work.health.items()) if not h.empty}}
 
 
-def next_wake(st: SignalState, config: OrchConfig) -> datetime | None:
+def next_wake(
+    st: SignalState, config: OrchConfig, listening_since: datetime | None = None
+) -> datetime | None:
     """When this signal next needs the clock: the earliest pending release (or its expiry), an
     order's acknowledgement or completion timeout, a retry's backoff (a scheduled intent), an
     intervention's deadline.
@@ -315,8 +321,8 @@ def next_wake(st: SignalState, config: OrchConfig) -> datetime | None:
     The shell sets one alarm per answer and calls `on_due` then; an alarm that finds nothing
     due is harmless, so a stale answer costs a wake-up, never a wrong action.
     """
-    del config  # every timer is in the state already
-    return execution.next_wake(st)
+    exe = config.portfolios[st.signal.portfolio].execution
+    return execution.next_wake(st, exe, listening_since)
 
 
 def on_due(pf: PortfolioState, signal_ids: Sequence[str], ctx: Context) -> Decision:

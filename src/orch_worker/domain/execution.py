@@ -95,6 +95,8 @@ class Env:
     prices: Mapping[str, Decimal]
     paused: frozenset[str] = frozenset()
     halted: bool = False
+    listening_since: datetime | None = None
+    """When this worker began reading the portfolio's reports (see `effective_deadline`)."""
 
     def execution(self, portfolio: str) -> ExecutionConfig:
         return self.config.portfolios[portfolio].execution
@@ -130,7 +132,27 @@ def _recovered(st: SignalState, it: IntentState, reasons: frozenset[str]) -> int
     return sum(1 for i in st.lineage(it.intent.intent_id) if i.recovery in reasons)
 
 
-def next_wake(st: SignalState) -> datetime | None:
+def effective_deadline(
+    it: IntentState, exe: ExecutionConfig, listening_since: datetime | None
+) -> datetime | None:
+    """When the order's timeout really runs out, given when we began listening for reports.
+
+    A timeout means "the venue said nothing for this long", which is only known for time we
+    spent reading its reports. After a restart or a handover the reports of the down time wait
+    unread in the backlog, so a deadline that ran out while nobody listened is pushed to one
+    full window after listening began; otherwise every open order would be escalated as an
+    unknown outcome (and its account's breaker tripped) moments before its fill is read.
+    """
+    if it.deadline is None or listening_since is None:
+        return it.deadline
+    acking = it.status in (IntentStatus.RELEASED, IntentStatus.CANCEL_REQUESTED)
+    window = exe.ack_timeout_s if acking else exe.completion_timeout_s
+    return max(it.deadline, listening_since + timedelta(seconds=window))
+
+
+def next_wake(
+    st: SignalState, exe: ExecutionConfig, listening_since: datetime | None = None
+) -> datetime | None:
     """The earliest time-driven step of the signal: a release (or its expiry), an order's
     timeout, an intervention's deadline; None when nothing waits for the clock."""
     times: list[datetime] = []
@@ -139,7 +161,9 @@ def next_wake(st: SignalState) -> datetime | None:
         times.append(min(pending))
         if st.signal.expires_at is not None:
             times.append(st.signal.expires_at)
-    times += [i.deadline for i in st.intents if i.deadline is not None and i.status in OPEN]
+    for i in st.intents:
+        if i.status in OPEN and (due := effective_deadline(i, exe, listening_since)) is not None:
+            times.append(due)
     times += [iv.intervention.timeout_at for iv in st.open_interventions]
     return min(times) if times else None
 
@@ -434,7 +458,10 @@ class Follow:
         now, exe = self.env.now, self._exe(st)
         for iid in [i.intent.intent_id for i in st.intents]:
             it = st.intent(iid)
-            if it is None or it.deadline is None or it.deadline > now or it.status not in OPEN:
+            if it is None or it.status not in OPEN:
+                continue
+            due = effective_deadline(it, exe, self.env.listening_since)
+            if due is None or due > now:
                 continue
             st, _ = self.drive(st, iid, _timeout_event(it, exe, now), audit_type="intent_timeout")
         for iv in st.open_interventions:

@@ -87,6 +87,9 @@ def fold(rec: Recovered, value: bytes) -> None:
     """Apply one changelog record to the recovered state (records arrive in partition order)."""
     rec.records += 1
     doc: dict[str, Any] = orjson.loads(value)
+    if doc["type"] == "fence":  # a reader's end marker (see reader.py): no state
+        rec.records -= 1
+        return
     if doc["type"] == "done":
         for oid in doc["outbox_ids"]:
             if rec.pending.pop(oid, None) is None:

@@ -1,12 +1,24 @@
 """Reading a topic from the beginning up to its current end, without a consumer group.
 
-End offsets are read from fetch responses (the high watermark) rather than from
-`end_offsets()`, which the embedded broker reports wrongly after batched produces.
+A read that stops early is how a restarted worker comes back with stale state and releases an
+order twice, so there is no idle cut-off here: a read ends when every partition is provably at
+its end, or fails loudly after `timeout_s`.
+
+"At its end" comes from one of two proofs:
+
+* a high watermark taken from a fetch response (aiokafka records one for every partition in
+  every successful fetch, empty or not; `end_offsets()` is not used because the embedded
+  broker reports it wrongly after batched produces);
+* for a topic this process owns, a fence: a marker record appended to each partition before
+  reading, whose offset comes back in the produce acknowledgement. Reading past it proves that
+  everything written before the read began has been seen, whatever the broker says about its
+  watermarks. Fence records carry the `orch-fence` header and are never handed to `on_record`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Collection
 
@@ -14,6 +26,19 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 
 from orch_worker.adapters.kafka.clients import consumer_kwargs, producer_kwargs
 from orch_worker.domain.config import KafkaConfig
+
+log = logging.getLogger(__name__)
+
+FENCE_HEADER = "orch-fence"
+PROGRESS_EVERY_S = 5.0
+
+
+class ReadIncompleteError(TimeoutError):
+    """The topic could not be read to its end in time; the caller must not act on a part."""
+
+
+def is_fence(rec: ConsumerRecord[bytes, bytes]) -> bool:
+    return any(k == FENCE_HEADER for k, _ in rec.headers or ())
 
 
 async def partition_count(cfg: KafkaConfig, topic: str) -> int:
@@ -26,54 +51,104 @@ async def partition_count(cfg: KafkaConfig, topic: str) -> int:
         await producer.stop()
 
 
+async def _append_fences(cfg: KafkaConfig, topic: str, partitions: list[int]) -> dict[int, int]:
+    """Append one fence record to each partition; returns each fence's offset."""
+    producer = AIOKafkaProducer(**producer_kwargs(cfg))
+    await producer.start()
+    try:
+        futures = {
+            p: await producer.send(
+                topic,
+                value=b'{"type":"fence"}',
+                partition=p,
+                headers=[(FENCE_HEADER, b"1")],
+            )
+            for p in partitions
+        }
+        return {p: (await f).offset for p, f in futures.items()}
+    finally:
+        await producer.stop()
+
+
+async def _partitions(
+    consumer: AIOKafkaConsumer, topic: str, only: Collection[int] | None
+) -> list[int]:
+    """The topic's partitions (limited to `only`), waiting briefly for fresh metadata."""
+    known = consumer.partitions_for_topic(topic)
+    for _ in range(50):
+        if known:
+            break
+        await consumer._client.force_metadata_update()
+        known = consumer.partitions_for_topic(topic)
+        await asyncio.sleep(0.05)
+    if not known:
+        return []
+    return sorted(known) if only is None else sorted(set(known) & set(only))
+
+
+async def _behind(
+    consumer: AIOKafkaConsumer, tps: list[TopicPartition], ends: dict[int, int | None]
+) -> dict[int, tuple[int, int | None]]:
+    """(position, end) of each partition not yet at its end; a None end is not yet known."""
+    out: dict[int, tuple[int, int | None]] = {}
+    for tp in tps:
+        end = ends[tp.partition]
+        if end is None:
+            end = consumer.highwater(tp)
+        position = await consumer.position(tp)
+        if end is None or position < end:
+            out[tp.partition] = (position, end)
+    return out
+
+
 async def read_to_end(
     cfg: KafkaConfig,
     topic: str,
     on_record: Callable[[ConsumerRecord[bytes, bytes]], None],
     *,
-    idle_timeout_s: float = 2.0,
     partitions: Collection[int] | None = None,
+    fence: bool = False,
+    timeout_s: float = 300.0,
 ) -> int:
     """Feed every record now in `topic` to `on_record` in partition order; returns the count.
 
-    Stops when every partition's position has reached its high watermark, or when nothing has
-    arrived for `idle_timeout_s` while some partition never reported one (an empty partition).
+    With `fence`, a marker is appended to each partition first and the read ends past it;
+    otherwise it ends when each partition's position reaches the high watermark of a fetch.
+    Raises `ReadIncompleteError` if that takes longer than `timeout_s`.
     """
     consumer = AIOKafkaConsumer(**consumer_kwargs(cfg, None))
     await consumer.start()
     count = 0
     try:
-        only = partitions
-        partitions = consumer.partitions_for_topic(topic)
-        for _ in range(50):
-            if partitions:
-                break
-            await consumer._client.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic)
-            await asyncio.sleep(0.05)
-        if not partitions:
-            return 0
-        wanted = sorted(partitions) if only is None else sorted(set(partitions) & set(only))
+        wanted = await _partitions(consumer, topic, partitions)
         if not wanted:
             return 0
+        # The end to reach per partition: one past the fence, or (None) the fetched watermark.
+        ends: dict[int, int | None] = dict.fromkeys(wanted)
+        if fence:
+            ends = {p: o + 1 for p, o in (await _append_fences(cfg, topic, wanted)).items()}
         tps = [TopicPartition(topic, p) for p in wanted]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        last_progress = time.monotonic()
+        started = last_report = time.monotonic()
         while True:
             batch = await consumer.getmany(*tps, timeout_ms=100, max_records=5000)
             for records in batch.values():
                 for rec in records:
-                    on_record(rec)
-                    count += 1
-            if batch:
-                last_progress = time.monotonic()
-            caught_up = True
-            for tp in tps:
-                hw = consumer.highwater(tp)
-                if hw is None or await consumer.position(tp) < hw:
-                    caught_up = False
-            if caught_up or time.monotonic() - last_progress > idle_timeout_s:
+                    if not is_fence(rec):
+                        on_record(rec)
+                        count += 1
+            behind = await _behind(consumer, tps, ends)
+            if not behind:
                 return count
+            now = time.monotonic()
+            if now - started > timeout_s:
+                raise ReadIncompleteError(
+                    f"could not read {topic} to its end in {timeout_s:.0f}s; "
+                    f"(position, end) of the partitions behind: {behind}"
+                )
+            if now - last_report > PROGRESS_EVERY_S:
+                last_report = now
+                log.info("reading %s: %d records so far; behind: %s", topic, count, behind)
     finally:
         await consumer.stop()

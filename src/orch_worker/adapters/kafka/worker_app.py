@@ -13,7 +13,7 @@ import bisect
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -35,7 +35,7 @@ from orch_worker.adapters.kafka.changelog import (
 )
 from orch_worker.adapters.kafka.clients import ensure_topics, faststream_security
 from orch_worker.adapters.kafka.codec import DecodeError, dead_letter, decode, encode
-from orch_worker.adapters.kafka.reader import partition_count, read_to_end
+from orch_worker.adapters.kafka.reader import ReadIncompleteError, partition_count, read_to_end
 from orch_worker.adapters.kafka.routing import (
     BROADCAST_HEADER,
     SOURCE_HEADER,
@@ -103,12 +103,34 @@ class _Assigned(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         self.event.clear()
-        self.worker.rebalancing = True
+        # Wait for a decision or a timer release in flight: the next owner of these partitions
+        # reads the changelog once the group settles, so everything must be written by then.
+        async with self.worker._lock:
+            self.worker.rebalancing = True
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         owned = {tp.partition for tp in assigned if tp.topic == self.worker.topics.signals}
         await self.worker.take_ownership(owned)
         self.event.set()
+
+
+class _ListeningSince(Mapping[str, datetime]):
+    """Portfolio -> when this worker gained its partition, i.e. began reading its reports."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.since: dict[int, datetime] = {}
+
+    def __getitem__(self, portfolio: str) -> datetime:
+        if not self.since:
+            raise KeyError(portfolio)
+        return self.since[portfolio_partition(portfolio, self.worker.n_partitions)]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(p for p in self.worker.portfolios if p in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 class Worker:
@@ -127,6 +149,7 @@ class Worker:
         self.accounts = AccountBook(cfg)
         self.recovered = False
         self._assigned = _Assigned(self)
+        self._listening = _ListeningSince(self)
         self.owned: set[int] = set()
         self.n_partitions = 0
         self.rebalancing = False
@@ -248,10 +271,19 @@ class Worker:
         async with self._lock:
             lost, gained = self.owned - owned, owned - self.owned
             self.owned = set(owned)
+            now = self.clock()
+            for p in gained:
+                self._listening.since[p] = now
+            for p in lost:
+                self._listening.since.pop(p, None)
             if lost:
                 self.portfolios = {n: p for n, p in self.portfolios.items() if self.owns(n)}
             if gained:
-                await self.recover(gained)
+                try:
+                    await self.recover(gained)
+                except ReadIncompleteError as exc:  # acting on part of the history repeats work
+                    self._fail(exc)
+                    return
             self._reindex()
             self.rebalancing = False
             self.recovered = True
@@ -285,6 +317,7 @@ class Worker:
             self.topics.changelog,
             lambda r: fold(rec, r.value),
             partitions=partitions,
+            fence=True,  # proves that every decision written before this read is folded in
         )
         for name, pf in rec.portfolios.items():
             if self.owns(name):
@@ -638,7 +671,7 @@ class Worker:
                     )
             # Every time-driven step of a signal (a release, a timeout, a retry) is found by
             # the pure core; the shell only sets an alarm for it.
-            wake = decider.next_wake(st, self.cfg)
+            wake = decider.next_wake(st, self.cfg, self._listening.get(pf.portfolio))
             if wake is not None:
                 self.timers.add(wake, (sid, wake), (pf.portfolio, sid))
 
@@ -657,6 +690,7 @@ class Worker:
             accounts=self.accounts,
             broker_taken=self._broker_taken,
             prices=self.prices,
+            listening_since=self._listening,
         )
 
     def _on_price(self, rec: ConsumerRecord[bytes, bytes]) -> None:
