@@ -26,6 +26,8 @@ class Metrics:
     recovered: Counter
     pending_releases: Gauge
     owned_partitions: Gauge
+    full_gc: Histogram
+    forgotten: Counter
 
     @classmethod
     def create(cls, role: str) -> Metrics:
@@ -81,6 +83,19 @@ class Metrics:
                 "Partitions (and so portfolios) this worker decides for",
                 namespace=ns,
                 registry=r,
+            ),
+            forgotten=Counter(
+                "forgotten_signals",
+                "Finished signals let go from memory after lingering",
+                namespace=ns,
+                registry=r,
+            ),
+            full_gc=Histogram(
+                "full_gc_seconds",
+                f"{role}: pause of each full garbage collection of the frozen heap",
+                namespace=ns,
+                registry=r,
+                buckets=LATENCY_BUCKETS,
             ),
             recovered=Counter(
                 "recovered_outbox_records",

@@ -51,6 +51,9 @@ class TimerService(Generic[P]):
         if earliest is None or due < earliest:
             self._wake.set()
 
+    def next_due(self) -> datetime | None:
+        return self._heap[0][0] if self._heap else None
+
     def clear(self) -> None:
         """Forget every pending timer (the owner re-adds what it still needs)."""
         self._heap.clear()

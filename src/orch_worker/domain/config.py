@@ -387,6 +387,20 @@ class WorkerConfig(Section):
     control_max_skew_s: float = Field(
         default=30.0, ge=0, description="tolerated clock skew for commands issued in the future"
     )
+    finished_linger_s: float = Field(
+        default=600.0,
+        ge=0,
+        description="finished signals stay in memory this long (late reports are still "
+        "matched), then only their ids are kept until max_signal_age_s",
+    )
+    freeze_heap: bool = Field(
+        default=True,
+        description="freeze the heap after each decision so garbage collection pauses stay "
+        "out of release timing (see adapters/heap.py)",
+    )
+    full_gc_every_s: float = Field(
+        default=600.0, gt=0, description="how often a full collection reclaims frozen garbage"
+    )
 
 
 class VenueConfig(Section):

@@ -416,6 +416,8 @@ class SignalState(Frozen):
     closing: ResultStatus | None = None
     """The final status an operator asked for (cancelled), reached once every order is done."""
     interventions: tuple[InterventionState, ...] = ()
+    finished_at: datetime | None = None
+    """When the signal last became terminal; it leaves memory `finished_linger_s` later."""
 
     def intent(self, intent_id: str) -> IntentState | None:
         return next((i for i in self.intents if i.intent.intent_id == intent_id), None)

@@ -61,6 +61,9 @@ class PortfolioState(Frozen):
     seen_commands: tuple[str, ...] = ()
     account_health: dict[str, AccountHealth] = {}
     """Recent failures, open circuit breakers and suspension cooldowns per account."""
+    forgotten: dict[str, datetime] = {}
+    """Ids of finished signals no longer held in memory, with their `created_at`: a redelivered
+    copy is still a duplicate until it would be refused as stale anyway (see `forget_finished`)."""
 
     @property
     def head(self) -> ChainHead:
@@ -128,7 +131,14 @@ def _finish(
                     data={"signal_status": status.value, "reason": reason},
                 )
             )
-        st = before.model_copy(update={"status": status, "reason": reason})
+        finished_at = None
+        if status.terminal:
+            was_terminal = previous is not None and previous.status.terminal
+            finished_at = previous.finished_at if was_terminal and previous else None
+            finished_at = finished_at or now
+        st = before.model_copy(
+            update={"status": status, "reason": reason, "finished_at": finished_at}
+        )
         if publish_results:
             st = st.model_copy(update={"result_seq": st.result_seq + 1})
             results.append(build_result(st, st.result_seq, now))
@@ -353,7 +363,7 @@ def on_due(pf: PortfolioState, signal_ids: Sequence[str], ctx: Context) -> Decis
 
 
 def on_signal(pf: PortfolioState, signal: Signal, ctx: Context) -> Decision:
-    if signal.signal_id in pf.signals:
+    if signal.signal_id in pf.signals or signal.signal_id in pf.forgotten:
         return Decision(state=pf, outcome="duplicate")
     now = ctx.now
     env, work = _env(pf, ctx), _work(pf, ctx)
@@ -588,3 +598,36 @@ def on_control(pf: PortfolioState, cmd: ControlCommand, ctx: Context) -> Decisio
         interventions=tuple(work.interventions),
         extra=extra | _health(work),
     )
+
+
+def forget_finished(
+    pf: PortfolioState, now: datetime, config: OrchConfig
+) -> tuple[PortfolioState, tuple[SignalState, ...]]:
+    """Drop finished signals from memory once they have lingered; returns what was dropped.
+
+    Memory would otherwise grow with every signal ever decided. A signal is dropped when it is
+    terminal, has no open intervention and finished `finished_linger_s` ago (late reports for
+    its orders are dead-lettered after that). Its id is kept, with its `created_at`, for as
+    long as a redelivered copy could still pass the `max_signal_age_s` check, so a redelivery
+    remains a duplicate; after that any copy is refused as stale. Nothing here is written to
+    the changelog: recovery rebuilds the full history and forgets the same signals again.
+    """
+    linger = timedelta(seconds=config.worker.finished_linger_s)
+    max_age = timedelta(seconds=config.worker.max_signal_age_s)
+    gone = tuple(
+        st
+        for st in pf.signals.values()
+        if st.status.terminal
+        and not st.open_interventions
+        and now - (st.finished_at or st.signal.created_at) >= linger
+    )
+    expired = [sid for sid, created in pf.forgotten.items() if now - created > max_age]
+    if not gone and not expired:
+        return pf, ()
+    forgotten = {s: c for s, c in pf.forgotten.items() if now - c <= max_age}
+    for st in gone:
+        if now - st.signal.created_at <= max_age:
+            forgotten[st.signal.signal_id] = st.signal.created_at
+    dropped = {st.signal.signal_id for st in gone}
+    signals = {sid: st for sid, st in pf.signals.items() if sid not in dropped}
+    return pf.model_copy(update={"signals": signals, "forgotten": forgotten}), gone

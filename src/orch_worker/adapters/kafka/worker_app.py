@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import logging
 import time
 import uuid
@@ -25,6 +26,7 @@ from faststream import AckPolicy, FastStream
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 
+from orch_worker.adapters.heap import HeapPolicy
 from orch_worker.adapters.http import HealthServer
 from orch_worker.adapters.kafka.changelog import (
     OutRecord,
@@ -71,8 +73,14 @@ log = logging.getLogger("orch_worker.worker")
 
 Clock = Callable[[], datetime]
 
-CHUNK_S = 0.01
+CHUNK_S = 0.003
 """Longest stretch of deciding before the slice is published and timers get a turn."""
+QUIET_S = 1.0
+"""No release due for this long: a full garbage collection may run now."""
+FORGET_EVERY_S = 1.0
+"""How often finished signals are looked for, to let them go from memory."""
+RECOVERY_FORGET_EVERY = 5_000
+"""Changelog records folded between two looks for finished signals during recovery."""
 
 BROKER_MEMORY = timedelta(seconds=60)
 """How far back release times count against a broker's rate budget."""
@@ -103,10 +111,10 @@ class _Assigned(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         self.event.clear()
-        # Wait for a decision or a timer release in flight: the next owner of these partitions
-        # reads the changelog once the group settles, so everything must be written by then.
-        async with self.worker._lock:
-            self.worker.rebalancing = True
+        self.worker.rebalancing = True
+        # Wait for decisions still being published: the next owner of these partitions reads
+        # the changelog once the group settles, so everything must be written by then.
+        await self.worker.drain()
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         owned = {tp.partition for tp in assigned if tp.topic == self.worker.topics.signals}
@@ -153,14 +161,22 @@ class Worker:
         self.owned: set[int] = set()
         self.n_partitions = 0
         self.rebalancing = False
-        # One lock for the decision loop and the release timers: a single writer per worker.
-        self._lock = asyncio.Lock()
+        # Decisions are taken synchronously (never interleaved) and published in that order.
+        self._published: asyncio.Future[None] | None = None
         self.timers: TimerService[tuple[str, str]] = TimerService(clock)
         self._broker_taken: dict[str, list[datetime]] = {}
         self._open_signals: set[str] = set()
         self._reserved: set[str] = set()
         self.failed = asyncio.Event()
         self.stopping = False
+        self._forgot_at = datetime.min.replace(tzinfo=UTC)
+        self.heap = (
+            HeapPolicy(
+                full_every_s=cfg.worker.full_gc_every_s, observe=self.metrics.full_gc.observe
+            )
+            if cfg.worker.freeze_heap
+            else None
+        )
         self.failure: BaseException | None = None
         self.prices: dict[str, Decimal] = {}
         self.http = (
@@ -224,10 +240,45 @@ class Worker:
         # not a failure.
         self.stopping = True
         await self.timers.stop()
+        await self.drain()  # let decisions already taken reach Kafka before the producer closes
 
     async def _start_timers(self) -> None:
         # After the broker is connected: a due release publishes at once.
         self.timers.start(self._fire)
+        if self.heap is not None:
+            self.heap.install()
+
+    def _forget(self, now: datetime, *, every_s: float = FORGET_EVERY_S) -> None:
+        """Let finished signals go from memory (see `decider.forget_finished`)."""
+        if (now - self._forgot_at).total_seconds() < every_s:
+            return
+        self._forgot_at = now
+        dropped = 0
+        for name, pf in list(self.portfolios.items()):
+            new, gone = decider.forget_finished(pf, now, self.cfg)
+            if not gone and new is pf:
+                continue
+            self.portfolios[name] = new
+            for st in gone:
+                sid = st.signal.signal_id
+                self.signal_index.pop(sid, None)
+                self._open_signals.discard(sid)
+                for i in st.intents:
+                    self.intent_index.pop(i.intent.intent_id, None)
+                    for cancel_id in i.cancel_ids:
+                        self.intent_index.pop(cancel_id, None)
+            dropped += len(gone)
+        if dropped:
+            self.metrics.forgotten.inc(dropped)
+            log.debug("forgot %d finished signals", dropped)
+
+    def _settle(self, *, backlog: bool) -> None:
+        """Freeze what the last decision left alive (see adapters/heap.py)."""
+        if self.heap is None:
+            return
+        nxt = self.timers.next_due()
+        quiet = not backlog and (nxt is None or (nxt - self.clock()).total_seconds() > QUIET_S)
+        self.heap.settle(quiet=quiet)
 
     def _fail(self, exc: BaseException) -> None:
         """A decision was applied in memory but could not be made durable: stop deciding.
@@ -247,6 +298,8 @@ class Worker:
 
     async def shutdown(self) -> None:
         await self.timers.stop()
+        if self.heap is not None:
+            self.heap.uninstall()
         if self.http:
             await self.http.stop()
 
@@ -268,36 +321,39 @@ class Worker:
 
     async def take_ownership(self, owned: set[int]) -> None:
         """Drop portfolios whose partitions left, load those that arrived, re-arm the timers."""
-        async with self._lock:
-            lost, gained = self.owned - owned, owned - self.owned
-            self.owned = set(owned)
-            now = self.clock()
-            for p in gained:
-                self._listening.since[p] = now
-            for p in lost:
-                self._listening.since.pop(p, None)
-            if lost:
-                self.portfolios = {n: p for n, p in self.portfolios.items() if self.owns(n)}
-            if gained:
-                try:
-                    await self.recover(gained)
-                except ReadIncompleteError as exc:  # acting on part of the history repeats work
-                    self._fail(exc)
-                    return
-            self._reindex()
-            self.rebalancing = False
-            self.recovered = True
-            self.metrics.owned_partitions.set(len(owned))
-            log.info(
-                "own partitions %s (gained %s, lost %s): %d portfolios, %d open signals, "
-                "%d pending timers",
-                sorted(owned),
-                sorted(gained),
-                sorted(lost),
-                len(self.portfolios),
-                len(self._open_signals),
-                len(self.timers),
-            )
+        self.rebalancing = True
+        await self.drain()
+        lost, gained = self.owned - owned, owned - self.owned
+        self.owned = set(owned)
+        now = self.clock()
+        for p in gained:
+            self._listening.since[p] = now
+        for p in lost:
+            self._listening.since.pop(p, None)
+        if lost:
+            self.portfolios = {n: p for n, p in self.portfolios.items() if self.owns(n)}
+        if gained:
+            try:
+                await self.recover(gained)
+            except ReadIncompleteError as exc:  # acting on part of the history repeats work
+                self._fail(exc)
+                return
+        self._forget(now, every_s=0)
+        self._reindex()
+        self.rebalancing = False
+        self.recovered = True
+        self._settle(backlog=False)
+        self.metrics.owned_partitions.set(len(owned))
+        log.info(
+            "own partitions %s (gained %s, lost %s): %d portfolios, %d open signals, "
+            "%d pending timers",
+            sorted(owned),
+            sorted(gained),
+            sorted(lost),
+            len(self.portfolios),
+            len(self._open_signals),
+            len(self.timers),
+        )
 
     def _reindex(self) -> None:
         self.intent_index.clear()
@@ -312,10 +368,18 @@ class Worker:
     async def recover(self, partitions: set[int]) -> None:
         """Rebuild these partitions' portfolios from the changelog; finish unfinished outboxes."""
         rec = Recovered()
+        now = self.clock()
+
+        def on_record(r: ConsumerRecord[bytes, bytes]) -> None:
+            fold(rec, r.value)
+            if rec.records % RECOVERY_FORGET_EVERY == 0:  # a long history must not fill memory
+                for name, pf in rec.portfolios.items():
+                    rec.portfolios[name] = decider.forget_finished(pf, now, self.cfg)[0]
+
         await read_to_end(
             self.cfg.kafka,
             self.topics.changelog,
-            lambda r: fold(rec, r.value),
+            on_record,
             partitions=partitions,
             fence=True,  # proves that every decision written before this read is folded in
         )
@@ -331,8 +395,11 @@ class Worker:
             sum(len(p.signals) for p in rec.portfolios.values()),
             len(rec.pending),
         )
-        if not rec.pending:
-            return
+        if rec.pending:
+            await self._finish_outboxes(rec)
+
+    async def _finish_outboxes(self, rec: Recovered) -> None:
+        """Republish what a crash left between a decision and its done marker, verbatim."""
         released: set[str] = set()
 
         def seen_intent(r: ConsumerRecord[bytes, bytes]) -> None:
@@ -444,34 +511,64 @@ class Worker:
         started = time.perf_counter()
         records = list(_records(msg))
         done = 0
-        # Decide in slices of at most CHUNK_S of work, making each durable and letting due
-        # release timers in between: a large batch must not hold releases back. A crash
-        # between slices redelivers the batch, and the decided part dedupes as duplicates.
+        last: asyncio.Future[None] | None = None
+        # Decide in slices of at most CHUNK_S of work and hand each to the publisher, yielding
+        # in between so that due release timers are decided on time: a large batch must not
+        # hold releases back. A crash before the ack redelivers the batch, and the decided part
+        # dedupes as duplicates.
         while done < len(records):
-            async with self._lock:
-                if self.failed.is_set() or self.stopping:
-                    return  # nothing more is decided or committed; the restart redelivers
-                batch = _Batch()
-                chunk_started = time.perf_counter()
-                while done < len(records):
-                    rec = records[done]
-                    done += 1
-                    self.metrics.consumed.labels(rec.topic).inc()
-                    self._decide(rec, batch)
-                    if time.perf_counter() - chunk_started > CHUNK_S:
-                        break
-                try:
-                    await self._publish(batch)
-                except Exception as exc:  # any failure leaves memory ahead of Kafka
-                    self._fail(exc)
-                    return
+            if self.failed.is_set() or self.stopping:
+                return  # nothing more is decided or committed; the restart redelivers
+            batch = _Batch()
+            chunk_started = time.perf_counter()
+            while done < len(records):
+                rec = records[done]
+                done += 1
+                self.metrics.consumed.labels(rec.topic).inc()
+                self._decide(rec, batch)
+                if time.perf_counter() - chunk_started > CHUNK_S:
+                    break
+            last = self._submit(batch)
             await asyncio.sleep(0)
-        async with self._lock:
-            if not self.failed.is_set() and not self.stopping:
-                await msg.ack()
+        if last is not None:
+            try:
+                await last
+            except Exception as exc:  # any failure leaves memory ahead of Kafka
+                self._fail(exc)
+        if not self.failed.is_set() and not self.stopping:
+            await msg.ack()
+        self._forget(self.clock())
+        self._settle(backlog=len(records) >= self.cfg.worker.max_batch)
         self.metrics.handler_latency.labels("decide").observe(time.perf_counter() - started)
         self.metrics.open_signals.set(len(self._open_signals))
         self.metrics.pending_releases.set(len(self.timers))
+
+    def _submit(self, batch: _Batch) -> asyncio.Future[None]:
+        """Publish `batch` after every batch decided before it (never beside it).
+
+        Memory is ahead of Kafka from the decision until its publish completes; chaining keeps
+        the changelog in decision order, so a decision's outputs never go out before an earlier
+        one's record is durable, and if one publish fails nothing decided after it is written.
+        """
+        previous = self._published
+
+        async def run() -> None:
+            if previous is not None:
+                await previous  # its failure is ours: nothing after it may be written
+            await self._publish(batch)
+
+        task: asyncio.Future[None] = asyncio.ensure_future(run())
+        self._published = task
+        return task
+
+    async def drain(self) -> None:
+        """Wait until every decision taken so far is published (or its publish failed)."""
+        while self._published is not None:
+            tail = self._published
+            with contextlib.suppress(Exception):
+                await tail
+            if self._published is tail:
+                return
 
     # -- deciding --------------------------------------------------------------------------
 
@@ -708,30 +805,36 @@ class Worker:
             self._on_price(rec)
 
     async def _fire(self, due: list[tuple[str, str]]) -> None:
-        """Timers fired: release what is due, under the same lock as the decision loop."""
-        async with self._lock:
-            if self.failed.is_set():
-                return
-            now = self.clock()
-            ctx = self._context(now)
-            by_portfolio: dict[str, list[str]] = {}
-            for portfolio, sid in due:
-                if self.rebalancing or portfolio not in self.portfolios:
-                    continue  # moving to another worker, which re-arms its own timers
-                ids = by_portfolio.setdefault(portfolio, [])
-                if sid not in ids:
-                    ids.append(sid)
-            batch = _Batch()
-            for portfolio, sids in by_portfolio.items():
-                # One decision per signal keeps every changelog record small, however many
-                # releases fall due at once (e.g. right after a restart).
-                for sid in sids:
-                    pf = self._portfolio(portfolio)
-                    self._apply("timer", decider.on_due(pf, [sid], ctx), batch, None)
-            try:
-                await self._publish(batch)
-            except Exception as exc:  # any failure leaves memory ahead of Kafka
-                self._fail(exc)
+        """Timers fired: decide the due releases now and hand them to the publisher.
+
+        The decision is taken at once, between two slices of the decision loop, so a release
+        is late by at most one slice however long publishing takes; the timer loop does not
+        wait for the publish either.
+        """
+        if self.failed.is_set() or self.stopping or self.rebalancing:
+            return  # moving to another worker (which re-arms its own timers), or stopping
+        now = self.clock()
+        ctx = self._context(now)
+        by_portfolio: dict[str, list[str]] = {}
+        for portfolio, sid in due:
+            if portfolio not in self.portfolios:
+                continue
+            ids = by_portfolio.setdefault(portfolio, [])
+            if sid not in ids:
+                ids.append(sid)
+        batch = _Batch()
+        for portfolio, sids in by_portfolio.items():
+            # One decision per signal keeps every changelog record small, however many
+            # releases fall due at once (e.g. right after a restart).
+            for sid in sids:
+                pf = self._portfolio(portfolio)
+                self._apply("timer", decider.on_due(pf, [sid], ctx), batch, None)
+        self._submit(batch).add_done_callback(self._published_timers)
+        self._settle(backlog=True)
+
+    def _published_timers(self, task: asyncio.Future[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._fail(exc)
 
     def _dead_letter(
         self,
