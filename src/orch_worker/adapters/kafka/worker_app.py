@@ -163,6 +163,10 @@ class Worker:
         self.rebalancing = False
         # Decisions are taken synchronously (never interleaved) and published in that order.
         self._published: asyncio.Future[None] | None = None
+        # Held while partitions change hands: aiokafka may hand the decide loop a batch while
+        # the rebalance callback is still recovering, and nothing may be decided on a state
+        # that recovery is about to replace.
+        self._ownership = asyncio.Lock()
         self.timers: TimerService[tuple[str, str]] = TimerService(clock)
         self._broker_taken: dict[str, list[datetime]] = {}
         self._open_signals: set[str] = set()
@@ -321,6 +325,10 @@ class Worker:
 
     async def take_ownership(self, owned: set[int]) -> None:
         """Drop portfolios whose partitions left, load those that arrived, re-arm the timers."""
+        async with self._ownership:
+            await self._take_ownership(owned)
+
+    async def _take_ownership(self, owned: set[int]) -> None:
         self.rebalancing = True
         await self.drain()
         lost, gained = self.owned - owned, owned - self.owned
@@ -517,18 +525,19 @@ class Worker:
         # hold releases back. A crash before the ack redelivers the batch, and the decided part
         # dedupes as duplicates.
         while done < len(records):
-            if self.failed.is_set() or self.stopping:
-                return  # nothing more is decided or committed; the restart redelivers
-            batch = _Batch()
-            chunk_started = time.perf_counter()
-            while done < len(records):
-                rec = records[done]
-                done += 1
-                self.metrics.consumed.labels(rec.topic).inc()
-                self._decide(rec, batch)
-                if time.perf_counter() - chunk_started > CHUNK_S:
-                    break
-            last = self._submit(batch)
+            async with self._ownership:  # no await inside: a slice is decided in one go
+                if self.failed.is_set() or self.stopping:
+                    return  # nothing more is decided or committed; the restart redelivers
+                batch = _Batch()
+                chunk_started = time.perf_counter()
+                while done < len(records):
+                    rec = records[done]
+                    done += 1
+                    self.metrics.consumed.labels(rec.topic).inc()
+                    self._decide(rec, batch)
+                    if time.perf_counter() - chunk_started > CHUNK_S:
+                        break
+                last = self._submit(batch)
             await asyncio.sleep(0)
         if last is not None:
             try:
