@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -14,6 +13,7 @@ from pydantic import BaseModel
 
 from orch_worker.adapters.kafka.clients import consumer_kwargs, producer_kwargs
 from orch_worker.domain.config import KafkaConfig
+from tests.integration.bounded import STOP_S, within
 
 
 async def publish(
@@ -26,7 +26,7 @@ async def publish(
             raw = value if isinstance(value, bytes) else orjson.dumps(value.model_dump(mode="json"))
             await producer.send_and_wait(topic, raw, key=key.encode() if key else None)
     finally:
-        await producer.stop()
+        await within(producer.stop(), STOP_S, "stopping the producer")
 
 
 class Collector:
@@ -68,9 +68,16 @@ class Collector:
         return self.values
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._consumer:
-            await self._consumer.stop()
+        try:
+            if self._task:
+                self._task.cancel()
+                # Not `await self._task`: its CancelledError would also swallow a cancel of
+                # this exit, and a task that ignored its cancel would hold it forever.
+                await asyncio.wait({self._task}, timeout=STOP_S)
+                if self._task.done() and not self._task.cancelled():
+                    self._task.result()  # what stopped the collecting, if anything did
+        finally:
+            if self._consumer:
+                await within(
+                    self._consumer.stop(), STOP_S, f"stopping the consumer of {self.topic}"
+                )

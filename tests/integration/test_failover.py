@@ -19,6 +19,7 @@ from orch_worker.adapters.kafka.topics import Topics
 from orch_worker.adapters.kafka.venue_app import run_venue
 from orch_worker.domain.config import KafkaConfig, OrchConfig
 from tests import factories as f
+from tests.integration.bounded import stop_processes, within
 from tests.integration.kafka_io import Collector, publish
 from tests.integration.test_processes import _get, _start, _until_ready
 
@@ -141,8 +142,7 @@ async def test_a_killed_workers_portfolios_move_to_the_survivor(
             assert sorted(ss) == list(range(1, len(ss) + 1)), f"{p}: gap in the chain"
     finally:
         stop.set()
-        await asyncio.wait_for(venue, 20)
-        for w in workers:
-            if w.poll() is None:
-                w.terminate()
-                w.wait(15)
+        try:
+            await within(venue, 20, "the paper venue's stop")
+        finally:  # also when the venue failed or hung: no worker outlives the test
+            stop_processes(*workers)

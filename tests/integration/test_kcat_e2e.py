@@ -24,6 +24,7 @@ from orch_worker.adapters.kafka.venue_app import run_venue
 from orch_worker.adapters.kafka.worker_app import Worker
 from orch_worker.domain.config import KafkaConfig, OrchConfig, VenueConfig, WorkerConfig
 from tests import factories as f
+from tests.integration.bounded import STOP_S, WORKER_STOP_S, within
 from tests.integration.kcat import Kcat, KcatRecord, find_kcat
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -79,7 +80,7 @@ async def venue_running(cfg: OrchConfig) -> AsyncIterator[None]:
         yield
     finally:
         stop.set()
-        await asyncio.wait_for(task, 15)
+        await within(task, STOP_S, "the paper venue's stop")
 
 
 @asynccontextmanager
@@ -90,7 +91,7 @@ async def worker_running(cfg: OrchConfig) -> AsyncIterator[Worker]:
         await worker.wait_ready()
         yield worker
     finally:
-        await worker.app.stop()
+        await within(worker.app.stop(), WORKER_STOP_S, "the worker's stop")
 
 
 def finals(records: list[KcatRecord]) -> dict[str, dict[str, Any]]:

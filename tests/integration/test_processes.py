@@ -24,6 +24,7 @@ from orch_worker.adapters.kafka.embedded import free_port
 from orch_worker.adapters.kafka.topics import Topics
 from orch_worker.domain.config import KafkaConfig
 from tests import factories as f
+from tests.integration.bounded import stop_processes
 from tests.integration.kafka_io import Collector
 
 pytestmark = pytest.mark.integration
@@ -57,6 +58,7 @@ portfolio = "demo"
 """
 
 CLI = [sys.executable, "-m", "orch_worker.cli"]
+PUBLISH_S = 60.0
 
 
 def _env(kafka: KafkaConfig) -> dict[str, str]:
@@ -105,7 +107,14 @@ async def _publish_cli(topic: str, path: Path, cfg_path: Path, kafka: KafkaConfi
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    _, err = await proc.communicate()
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), PUBLISH_S)
+    except TimeoutError:
+        raise AssertionError(f"publish {topic} did not finish within {PUBLISH_S:g}s") from None
+    finally:
+        if proc.returncode is None:  # timed out or cancelled: never left running
+            proc.kill()
+            await proc.wait()
     assert proc.returncode == 0, err.decode()
 
 
@@ -168,6 +177,4 @@ async def test_worker_killed_with_sigkill_releases_every_intent_exactly_once(
         assert not twice, f"released more than once: {twice}"
         assert {i["signal_id"] for i in intents.values} == {f"s-{i:04d}" for i in range(n)}
     finally:
-        if worker.poll() is None:
-            worker.terminate()
-            worker.wait(15)
+        stop_processes(worker)

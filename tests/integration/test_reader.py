@@ -22,6 +22,7 @@ from orch_worker.adapters.kafka.embedded import EmbeddedBroker
 from orch_worker.adapters.kafka.reader import ReadIncompleteError, is_fence, read_to_end
 from orch_worker.adapters.kafka.topics import Topics
 from orch_worker.domain.config import KafkaConfig, KafkaProfile
+from tests.integration.bounded import STOP_S, within
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +45,7 @@ async def _fill(cfg: KafkaConfig, topic: str, n: int) -> None:
                 await asyncio.sleep(0)
         await asyncio.gather(*futures)
     finally:
-        await producer.stop()
+        await within(producer.stop(), STOP_S, "stopping the producer")
 
 
 @pytest.mark.parametrize("fence", [False, True], ids=["watermark", "fence"])

@@ -35,6 +35,7 @@ from orch_worker.domain.config import KafkaConfig, OrchConfig
 from orch_worker.domain.models import PriceTick, Signal
 from orch_worker.settings import load_config
 from tests import factories as f
+from tests.integration.bounded import STOP_S, WORKER_STOP_S, stop_processes, within
 from tests.integration.kafka_io import Collector, publish
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -90,7 +91,7 @@ async def venue_running(cfg: OrchConfig) -> AsyncIterator[None]:
         yield
     finally:
         stop.set()
-        await asyncio.wait_for(task, 15)
+        await within(task, STOP_S, "the paper venue's stop")
 
 
 @asynccontextmanager
@@ -101,7 +102,7 @@ async def worker_running(cfg: OrchConfig, clock: Clock | None = None) -> AsyncIt
         await worker.wait_ready()
         yield worker
     finally:
-        await worker.app.stop()
+        await within(worker.app.stop(), WORKER_STOP_S, "the worker's stop")
 
 
 class System:
@@ -649,9 +650,7 @@ async def test_a_killed_worker_resumes_open_orders_and_pending_retries_exactly_o
             finals = await system.final(*(s.signal_id for s in sigs), timeout_s=90)
             await asyncio.sleep(1.0)  # anything released twice would arrive by now
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(15)
+        stop_processes(proc)
 
     # nothing lost: every signal completed in full
     assert {r["status"] for r in finals.values()} == {"completed"}, log.read_text()[-3000:]

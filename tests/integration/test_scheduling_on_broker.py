@@ -14,6 +14,7 @@ from orch_worker.adapters.kafka.topics import Topics
 from orch_worker.adapters.kafka.worker_app import Worker
 from orch_worker.domain.config import KafkaConfig, OrchConfig
 from tests import factories as f
+from tests.integration.bounded import WORKER_STOP_S, within
 from tests.integration.kafka_io import Collector, publish
 
 pytestmark = pytest.mark.integration
@@ -27,7 +28,7 @@ async def real_time_worker(cfg: OrchConfig) -> AsyncIterator[Worker]:
         await worker.wait_ready()
         yield worker
     finally:
-        await worker.app.stop()
+        await within(worker.app.stop(), WORKER_STOP_S, "the worker's stop")
 
 
 def _at(ts: str) -> datetime:

@@ -29,6 +29,7 @@ from orch_worker.domain.models import (
     ReportStatus,
 )
 from orch_worker.venue.fill_model import TERMINAL_STATUSES
+from tests.integration.bounded import STOP_S, within
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -76,7 +77,7 @@ async def publish(
         for key, value in records:
             await producer.send_and_wait(topic, value, key=key)
     finally:
-        await producer.stop()
+        await within(producer.stop(), STOP_S, "stopping the producer")
 
 
 async def publish_intents(kafka: KafkaConfig, intents: list[OrderIntent]) -> None:
@@ -152,17 +153,17 @@ async def running_venue(
     stop, ready, counters = asyncio.Event(), asyncio.Event(), VenueCounters()
     kwargs: dict[str, Any] = {"clock": clock} if clock else {}
     task = asyncio.create_task(run_venue(cfg, stop=stop, ready=ready, counters=counters, **kwargs))
-    ready_wait = asyncio.create_task(ready.wait())
-    await asyncio.wait([task, ready_wait], timeout=15, return_when=asyncio.FIRST_COMPLETED)
-    ready_wait.cancel()
-    if task.done():
-        task.result()  # surface the venue's start-up error
-    assert ready.is_set(), "venue never got partitions assigned"
-    try:
+    try:  # a venue that never got ready is stopped too
+        ready_wait = asyncio.create_task(ready.wait())
+        await asyncio.wait([task, ready_wait], timeout=15, return_when=asyncio.FIRST_COMPLETED)
+        ready_wait.cancel()
+        if task.done():
+            task.result()  # surface the venue's start-up error
+        assert ready.is_set(), "venue never got partitions assigned"
         yield counters
     finally:
         stop.set()
-        await asyncio.wait_for(task, 15)
+        await within(task, STOP_S, "the paper venue's stop")
 
 
 async def test_each_market_intent_gets_one_terminal_report_and_offsets_commit(

@@ -12,6 +12,7 @@ from orch_worker.adapters.kafka.topics import Topics
 from orch_worker.adapters.kafka.worker_app import Worker
 from orch_worker.domain.config import KafkaConfig, OrchConfig
 from tests import factories as f
+from tests.integration.bounded import WORKER_STOP_S, within
 from tests.integration.kafka_io import Collector, publish
 
 pytestmark = pytest.mark.integration
@@ -25,7 +26,7 @@ async def running(cfg: OrchConfig) -> AsyncIterator[Worker]:
         await worker.wait_ready()
         yield worker
     finally:
-        await worker.app.stop()
+        await within(worker.app.stop(), WORKER_STOP_S, "the worker's stop")
 
 
 async def seed_accounts(cfg: OrchConfig, topics: Topics, **overrides: dict[str, str]) -> None:
