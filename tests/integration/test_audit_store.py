@@ -20,6 +20,7 @@ import pytest
 from pydantic import JsonValue
 
 from orch_worker.adapters.db import store as store_module
+from orch_worker.adapters.db.rows import record_from_json
 from orch_worker.adapters.db.store import (
     AuditStore,
     SchemaVersionError,
@@ -29,6 +30,7 @@ from orch_worker.adapters.db.store import (
     UnstorableEventError,
     open_store,
 )
+from orch_worker.adapters.kafka.codec import encode
 from orch_worker.domain.audit import AuditDraft, ChainHead, chain, verify_chain
 from orch_worker.domain.models import AuditEvent
 
@@ -328,6 +330,45 @@ class TestAuditStore:
             store.write_batch(events)
             assert list(store.events()) == events
 
+    def test_records_built_from_the_json_read_back_as_the_events(self, store: AuditStore) -> None:
+        data: dict[str, JsonValue] = {"big_int": 2**63 - 1, "nul": "a\u0000b", "f": 1e20}
+        _, alpha = _chain("alpha", [*_signal_lifecycle(), AuditDraft("odd", "Odd.", data)])
+        records = [record_from_json(encode(e)) for e in alpha]
+        assert all(r is not None for r in records)  # the sink's fast path, not the model's
+
+        result = store.write_records([r for r in records if r is not None])
+
+        assert (result.new, result.duplicates, result.conflicts) == (len(alpha), 0, 0)
+        assert list(store.events()) == alpha
+        assert verify_chain(store.events("alpha")) is None
+        assert store.intent_statuses("sig-1") == {
+            "sig-1-int-a": "filled",
+            "sig-1-int-b": "cancelled",
+        }
+
+    def test_two_portfolios_claiming_one_signal_in_one_batch_leave_it_to_the_first(
+        self, store: AuditStore
+    ) -> None:
+        def claim(portfolio: str, status: str) -> list[AuditEvent]:
+            draft = AuditDraft("s", "Claim.", {"signal_status": status, "intent_status": status})
+            shared = AuditDraft(draft.type, draft.rationale, draft.data, "sig-x", "int-x", "A-1")
+            return _chain(portfolio, [shared])[1]
+
+        store.write_batch(claim("alpha", "planned") + claim("beta", "hijacked"))
+
+        assert store.signal_status("sig-x") == "planned"
+        assert store.intent_statuses("sig-x") == {"int-x": "planned"}
+
+    def test_a_seq_beyond_64_bits_is_refused_not_truncated(self, store: AuditStore) -> None:
+        _, events = _chain("alpha", [AuditDraft("ok", "Fine."), AuditDraft("odd", "Far.")])
+        far = events[1].model_copy(update={"seq": 2**63})
+
+        assert store.unstorable_reason(events[0]) is None
+        assert "64-bit" in (store.unstorable_reason(far) or "")
+        with pytest.raises(UnstorableEventError, match="64-bit"):
+            store.write_batch([events[0], far])
+        assert store.count() == 0
+
     def test_reopening_keeps_the_data_and_a_newer_schema_is_refused(
         self, store: AuditStore, backend: Backend
     ) -> None:
@@ -342,6 +383,35 @@ class TestAuditStore:
         backend.sql("UPDATE schema_meta SET value = '99' WHERE key = 'version'")
         with pytest.raises(SchemaVersionError, match="99"):
             open_store(backend.url)
+
+
+def test_a_new_sqlite_store_has_8_kib_pages_and_an_older_one_keeps_its_own(
+    tmp_path: Path,
+) -> None:
+    older = tmp_path / "older.db"
+    with sqlite3.connect(older) as conn:
+        conn.execute("PRAGMA page_size = 4096")
+        conn.execute("CREATE TABLE unrelated (x)")
+    _, events = _chain("alpha", _signal_lifecycle())
+
+    for path, page in ((tmp_path / "new.db", 8192), (older, 4096)):
+        with open_store(f"sqlite:///{path}") as store:
+            store.write_batch(events)
+            assert list(store.events()) == events
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA page_size").fetchone() == (page,)
+
+
+def test_an_event_from_before_the_year_1000_round_trips_in_postgresql() -> None:
+    backends = _postgres_backend()
+    backend = next(backends)
+    _, events = _chain("alpha", _signal_lifecycle(), ts=datetime(999, 12, 31, 23, 59, tzinfo=UTC))
+    try:
+        with open_store(backend.url) as store:
+            store.write_batch(events)
+            assert list(store.events()) == events
+    finally:
+        backends.close()
 
 
 def test_sqlite_store_is_in_wal_mode_at_a_relative_path(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -19,6 +20,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from orch_worker.adapters.db.rows import EventRecord
 from orch_worker.adapters.db.store import (
     AuditStore,
     StoreUnavailableError,
@@ -33,6 +35,7 @@ from orch_worker.adapters.kafka.topics import Topics
 from orch_worker.domain.audit import AuditDraft, ChainHead, chain, verify_chain
 from orch_worker.domain.config import KafkaConfig, OrchConfig, SinkConfig
 from orch_worker.domain.models import AuditEvent, DeadLetter
+from tests.integration.bounded import STOP_S, within
 
 pytestmark = pytest.mark.integration
 
@@ -75,7 +78,7 @@ async def _run_until(
 
     async def finish() -> None:
         stop.set()
-        await asyncio.wait_for(task, TIMEOUT_S)
+        await within(task, TIMEOUT_S, "the sink's stop")
 
     try:
         await _eventually(lambda: ready.is_set() or task.done(), "partition assignment")
@@ -160,7 +163,7 @@ async def test_sink_stores_each_event_once_dead_letters_garbage_and_commits(
             )
             last_offset[meta.partition] = max(last_offset.get(meta.partition, -1), meta.offset)
     finally:
-        await producer.stop()
+        await within(producer.stop(), STOP_S, "stopping the producer")
     total = len(alpha) + len(beta) + len(redelivered) + len(poison)
 
     stats, finish = await _run_until(cfg, db_url, lambda s: s.records >= total)
@@ -171,7 +174,8 @@ async def test_sink_stores_each_event_once_dead_letters_garbage_and_commits(
     assert stats.duplicates == len(redelivered)
     assert stats.dead_lettered == len(poison)
     assert stats.conflicts == 0
-    assert stats.batches >= total // 7
+    # One transaction holds at most POLLS_PER_WRITE polls of batch_size records.
+    assert stats.batches >= -(-total // (7 * sink_app.POLLS_PER_WRITE))
     with open_store(db_url) as store:
         assert store.count() == len(alpha) + len(beta)
         assert list(store.events("alpha")) == alpha
@@ -206,7 +210,7 @@ async def test_sink_stores_each_event_once_dead_letters_garbage_and_commits(
                 topics.audit, encode(event), key=b"late", partition=partition
             )
     finally:
-        await producer.stop()
+        await within(producer.stop(), STOP_S, "stopping the producer")
 
     again, finish = await _run_until(cfg, db_url, lambda s: s.records >= len(late))
     await asyncio.sleep(0.3)  # a few more polls: nothing else may turn up
@@ -225,11 +229,11 @@ class _FlakyStore:
         self._inner = inner
         self.failures = failures
 
-    def write(self, events: Sequence[AuditEvent]) -> WriteResult:
+    def write_records(self, records: Sequence[EventRecord]) -> WriteResult:
         if self.failures > 0:
             self.failures -= 1
             raise StoreUnavailableError("database is locked (simulated)")
-        return self._inner.write(events)
+        return self._inner.write_records(records)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -251,7 +255,7 @@ async def test_a_batch_the_database_refuses_is_retried_then_committed(
         for event in events:
             meta = await producer.send_and_wait(topics.audit, encode(event), key=b"alpha")
     finally:
-        await producer.stop()
+        await within(producer.stop(), STOP_S, "stopping the producer")
 
     stats, finish = await _run_until(cfg, db_url, lambda s: s.records >= len(events))
     await finish()
@@ -261,3 +265,67 @@ async def test_a_batch_the_database_refuses_is_retried_then_committed(
     assert committed == {meta.partition: meta.offset + 1}
     with open_store(db_url) as store:
         assert list(store.events()) == events
+
+
+class _SlowStore:
+    """A real store whose writes take a while, so a rebalance finds a sink mid-batch."""
+
+    def __init__(self, inner: AuditStore, seconds: float) -> None:
+        self._inner = inner
+        self._seconds = seconds
+
+    def write_records(self, records: Sequence[EventRecord]) -> WriteResult:
+        time.sleep(self._seconds)
+        return self._inner.write_records(records)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+async def test_a_second_sink_joining_the_group_takes_partitions_and_nothing_is_lost(
+    kafka: KafkaConfig, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first sink writes and commits what it fetched before its partitions move (the
+    rebalance listener), the second reads on from the commits: every event is stored once."""
+    topics = Topics(kafka.topic_prefix)
+    group = f"sink-{uuid.uuid4().hex[:8]}"
+    cfg = OrchConfig(kafka=kafka, sink=SinkConfig(group_id=group, batch_size=20))
+    monkeypatch.setattr(sink_app, "open_store", lambda url: _SlowStore(open_store(url), 0.15))
+    chains = {p: _events(p, 150) for p in ("alpha", "beta", "gamma", "delta", "epsilon")}
+    events = [e for chain_ in chains.values() for e in chain_]
+    last_offset: dict[int, int] = {}
+    producer = AIOKafkaProducer(**producer_kwargs(kafka))
+    await producer.start()
+    try:
+        sent = [
+            await producer.send(topics.audit, encode(e), key=e.portfolio.encode()) for e in events
+        ]
+        for meta in await asyncio.gather(*sent):
+            last_offset[meta.partition] = max(last_offset.get(meta.partition, -1), meta.offset)
+    finally:
+        await within(producer.stop(), STOP_S, "stopping the producer")
+
+    first, finish_first = await _run_until(cfg, db_url, lambda s: s.records > 0)
+    second, finish_second = await _run_until(cfg, db_url, lambda s: True)
+    try:
+        await _eventually(
+            lambda: first.events_written + second.events_written >= len(events), "every event"
+        )
+        tps = [TopicPartition(topics.audit, p) for p in range(kafka.partitions)]
+        expected_commits = {p: o + 1 for p, o in last_offset.items()}
+        deadline = asyncio.get_running_loop().time() + TIMEOUT_S
+        while await _committed(kafka, group, tps) != expected_commits:
+            assert asyncio.get_running_loop().time() < deadline, "offsets never caught up"
+            await asyncio.sleep(0.1)
+    finally:
+        await finish_second()
+        await finish_first()
+
+    assert first.events_written + second.events_written == len(events)  # each one new once
+    assert first.records < len(events) + first.duplicates  # the first did not read it all...
+    assert second.records > 0  # ...the group gave the newcomer partitions
+    with open_store(db_url) as store:
+        assert store.count() == len(events)
+        for portfolio, chain_ in chains.items():
+            assert list(store.events(portfolio)) == chain_
+            assert verify_chain(store.events(portfolio)) is None
