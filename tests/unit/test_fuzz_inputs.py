@@ -17,7 +17,8 @@ from aiokafka import ConsumerRecord
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orch_worker.adapters.kafka.worker_app import Worker, _Batch
+from orch_worker.adapters.kafka.publisher import Batch
+from orch_worker.adapters.kafka.worker_app import Worker
 from tests import factories as f
 
 PER_TOPIC = int(os.environ.get("ORCH_FUZZ_EXAMPLES", "1000"))
@@ -108,7 +109,7 @@ def make_worker() -> Worker:
 WORKER = make_worker()
 T = WORKER.topics
 # One planned signal, so fuzzed reports can name real intents.
-_seed_batch = _Batch()
+_seed_batch = Batch()
 WORKER._decide(record(T.signals, f.signal("seed").model_dump_json().encode(), b"demo"), _seed_batch)
 INTENTS = [(iid, sig_and_pf) for iid, sig_and_pf in WORKER.intent_index.items()]
 assert len(INTENTS) == 3
@@ -123,9 +124,9 @@ VALID: dict[str, dict[str, Any]] = {
 }
 
 
-def feed(topic: str, value: bytes | None) -> _Batch:
+def feed(topic: str, value: bytes | None) -> Batch:
     """Decide one record exactly as the worker does; it must never raise."""
-    batch = _Batch()
+    batch = Batch()
     if topic == T.account_state:
         WORKER._on_account(record(topic, value))  # the table's real entry point
         return batch
@@ -133,15 +134,15 @@ def feed(topic: str, value: bytes | None) -> _Batch:
     return batch
 
 
-def dead_letters(batch: _Batch) -> list[dict[str, Any]]:
+def dead_letters(batch: Batch) -> list[dict[str, Any]]:
     return [orjson.loads(o.value) for o in batch.outputs if o.topic == T.dead_letter]
 
 
-def intents_out(batch: _Batch) -> list[dict[str, Any]]:
+def intents_out(batch: Batch) -> list[dict[str, Any]]:
     return [orjson.loads(o.value) for o in batch.outputs if o.topic == T.order_intents]
 
 
-def assert_refused_or_sane(batch: _Batch) -> None:
+def assert_refused_or_sane(batch: Batch) -> None:
     letters = dead_letters(batch)
     assert all(d["error_type"] != "processing_error" for d in letters), letters
     assert all(d["error"] for d in letters)

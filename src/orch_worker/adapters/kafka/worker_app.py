@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -37,6 +35,7 @@ from orch_worker.adapters.kafka.changelog import (
 )
 from orch_worker.adapters.kafka.clients import ensure_topics, faststream_security
 from orch_worker.adapters.kafka.codec import DecodeError, dead_letter, decode, encode
+from orch_worker.adapters.kafka.publisher import Batch, Publisher
 from orch_worker.adapters.kafka.reader import ReadIncompleteError, partition_count, read_to_end
 from orch_worker.adapters.kafka.routing import (
     BROADCAST_HEADER,
@@ -88,14 +87,6 @@ BROKER_MEMORY = timedelta(seconds=60)
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass
-class _Batch:
-    changelog: list[tuple[str, bytes]] = field(default_factory=list)
-    outputs: list[OutRecord] = field(default_factory=list)
-    outbox_ids: dict[str, list[str]] = field(default_factory=dict)
-    """Finished outboxes per portfolio: the done marker goes to that portfolio's partition."""
 
 
 class _Assigned(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -162,7 +153,7 @@ class Worker:
         self.n_partitions = 0
         self.rebalancing = False
         # Decisions are taken synchronously (never interleaved) and published in that order.
-        self._published: asyncio.Future[None] | None = None
+        self.publisher = Publisher(self._publish)
         # Held while partitions change hands: aiokafka may hand the decide loop a batch while
         # the rebalance callback is still recovering, and nothing may be decided on a state
         # that recovery is about to replace.
@@ -528,7 +519,7 @@ class Worker:
             async with self._ownership:  # no await inside: a slice is decided in one go
                 if self.failed.is_set() or self.stopping:
                     return  # nothing more is decided or committed; the restart redelivers
-                batch = _Batch()
+                batch = Batch()
                 chunk_started = time.perf_counter()
                 while done < len(records):
                     rec = records[done]
@@ -552,36 +543,16 @@ class Worker:
         self.metrics.open_signals.set(len(self._open_signals))
         self.metrics.pending_releases.set(len(self.timers))
 
-    def _submit(self, batch: _Batch) -> asyncio.Future[None]:
-        """Publish `batch` after every batch decided before it (never beside it).
-
-        Memory is ahead of Kafka from the decision until its publish completes; chaining keeps
-        the changelog in decision order, so a decision's outputs never go out before an earlier
-        one's record is durable, and if one publish fails nothing decided after it is written.
-        """
-        previous = self._published
-
-        async def run() -> None:
-            if previous is not None:
-                await previous  # its failure is ours: nothing after it may be written
-            await self._publish(batch)
-
-        task: asyncio.Future[None] = asyncio.ensure_future(run())
-        self._published = task
-        return task
+    def _submit(self, batch: Batch) -> asyncio.Future[None]:
+        return self.publisher.submit(batch)
 
     async def drain(self) -> None:
         """Wait until every decision taken so far is published (or its publish failed)."""
-        while self._published is not None:
-            tail = self._published
-            with contextlib.suppress(Exception):
-                await tail
-            if self._published is tail:
-                return
+        await self.publisher.drain()
 
     # -- deciding --------------------------------------------------------------------------
 
-    def _decide(self, rec: ConsumerRecord[bytes, bytes], batch: _Batch) -> None:
+    def _decide(self, rec: ConsumerRecord[bytes, bytes], batch: Batch) -> None:
         t = self.topics
         now = self.clock()
         ctx = self._context(now)
@@ -641,7 +612,7 @@ class Worker:
         if refused is not None:
             raise DecodeError(*refused)
 
-    def _forward(self, rec: ConsumerRecord[bytes, bytes], portfolio: str, batch: _Batch) -> None:
+    def _forward(self, rec: ConsumerRecord[bytes, bytes], portfolio: str, batch: Batch) -> None:
         batch.outputs.append(
             OutRecord(
                 self.topics.portfolio_inputs,
@@ -655,7 +626,7 @@ class Worker:
     async def handle_route(self, msg: KafkaMessage) -> None:
         """Re-key execution reports and control commands by portfolio, then commit."""
         t = self.topics
-        batch = _Batch()
+        batch = Batch()
         for rec in _records(msg):
             self.metrics.consumed.labels(rec.topic).inc()
             now = self.clock()
@@ -693,7 +664,7 @@ class Worker:
             return
         await msg.ack()
 
-    def _broadcast(self, rec: ConsumerRecord[bytes, bytes], batch: _Batch) -> None:
+    def _broadcast(self, rec: ConsumerRecord[bytes, bytes], batch: Batch) -> None:
         """A command that names only a signal goes to every partition; its owner acts on it."""
         origin = source(rec.topic, rec.partition, rec.offset)
         for partition in range(self.n_partitions):
@@ -728,7 +699,7 @@ class Worker:
             pf = self.portfolios[name] = PortfolioState(portfolio=name)
         return pf
 
-    def _apply(self, kind: str, d: Decision, batch: _Batch, command_id: str | None) -> None:
+    def _apply(self, kind: str, d: Decision, batch: Batch, command_id: str | None) -> None:
         self.metrics.outcomes.labels(kind, d.outcome).inc()
         if not d.has_outputs and d.state is self.portfolios.get(d.state.portfolio):
             return
@@ -831,7 +802,7 @@ class Worker:
             ids = by_portfolio.setdefault(portfolio, [])
             if sid not in ids:
                 ids.append(sid)
-        batch = _Batch()
+        batch = Batch()
         for portfolio, sids in by_portfolio.items():
             # One decision per signal keeps every changelog record small, however many
             # releases fall due at once (e.g. right after a restart).
@@ -851,7 +822,7 @@ class Worker:
         error_type: str,
         error: str,
         now: datetime,
-        batch: _Batch,
+        batch: Batch,
     ) -> None:
         # A routed record is reported where it came from, so operators find the original.
         topic, partition, offset = rec.topic, rec.partition, rec.offset
@@ -900,7 +871,7 @@ class Worker:
         done.set_result(sent)
         return done
 
-    async def _publish(self, batch: _Batch) -> None:
+    async def _publish(self, batch: Batch) -> None:
         if batch.changelog:
             await asyncio.gather(
                 *[await self._send(self.topics.changelog, p, v) for p, v in batch.changelog]
