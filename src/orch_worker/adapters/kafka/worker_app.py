@@ -71,6 +71,7 @@ from orch_worker.settings import ConfigError
 log = logging.getLogger("orch_worker.worker")
 
 Clock = Callable[[], datetime]
+_Send = tuple[str, str | None, bytes, tuple[tuple[str, str], ...], int | None]
 
 CHUNK_S = 0.003
 """Longest stretch of deciding before the slice is published and timers get a turn."""
@@ -78,6 +79,8 @@ QUIET_S = 1.0
 """No release due for this long: a full garbage collection may run now."""
 FORGET_EVERY_S = 1.0
 """How often finished signals are looked for, to let them go from memory."""
+SEND_SLICE = 100
+"""Records handed to the producer between two yields to the event loop."""
 RECOVERY_FORGET_EVERY = 5_000
 """Changelog records folded between two looks for finished signals during recovery."""
 
@@ -872,27 +875,29 @@ class Worker:
         return done
 
     async def _publish(self, batch: Batch) -> None:
-        if batch.changelog:
-            await asyncio.gather(
-                *[await self._send(self.topics.changelog, p, v) for p, v in batch.changelog]
-            )
-        if batch.outputs:
-            await asyncio.gather(
-                *[
-                    await self._send(o.topic, o.key, o.value, o.headers, o.partition)
-                    for o in batch.outputs
-                ]
-            )
-        if batch.outbox_ids:
-            # Done markers are keyed by portfolio so they follow their decisions in the same
-            # partition. Losing one only means a restart republishes outputs that consumers
-            # already deduplicate (and intents are checked against the topic first).
-            await asyncio.gather(
-                *[
-                    await self._send(self.topics.changelog, p, done_record(ids))
-                    for p, ids in batch.outbox_ids.items()
-                ]
-            )
+        changelog = [(self.topics.changelog, p, v, (), None) for p, v in batch.changelog]
+        await self._send_all(changelog)
+        outputs = [(o.topic, o.key, o.value, o.headers, o.partition) for o in batch.outputs]
+        await self._send_all(outputs)
+        # Done markers are keyed by portfolio so they follow their decisions in the same
+        # partition. Losing one only means a restart republishes outputs that consumers
+        # already deduplicate (and intents are checked against the topic first).
+        done = [
+            (self.topics.changelog, p, done_record(ids), (), None)
+            for p, ids in batch.outbox_ids.items()
+        ]
+        await self._send_all(done)
+
+    async def _send_all(self, records: list[_Send]) -> None:
+        """Send and wait for every acknowledgement, yielding now and then: a round of thousands
+        of records must not hold a due release timer back."""
+        futures = []
+        for n, (topic, key, value, headers, partition) in enumerate(records, 1):
+            futures.append(await self._send(topic, key, value, headers, partition))
+            if n % SEND_SLICE == 0:
+                await asyncio.sleep(0)
+        if futures:
+            await asyncio.gather(*futures)
 
 
 def _header(rec: ConsumerRecord[bytes, bytes], name: str) -> str | None:
