@@ -56,12 +56,19 @@ bench: $(STAMP)
 # Chaos harness (bench/chaos.py): worker + paper venue + sink as processes on the embedded broker,
 # SIGKILLs of the worker and a broker SIGSTOP/SIGCONT mid-run; prints the counts it checked and
 # exits non-zero on any violation. `python -m bench.chaos --help` for every knob.
-.PHONY: chaos chaos-long
+.PHONY: chaos chaos-long backpressure
 chaos: $(STAMP)
 	$(PY) -m bench.chaos --signals 1000 --kills 20
 
 chaos-long: $(STAMP)
 	$(PY) -m bench.chaos --signals 3000 --kills 50 --pauses 3 --workers 2 --timeout 900
+
+# Backpressure (bench/backpressure.py): a burst of 50,000 signals at a worker and the paper venue
+# run as processes on the embedded broker; samples the worker's RSS, prints it at start / peak /
+# end with its growth per 10,000 signals, and exits non-zero if a signal is lost or an intent
+# duplicated. `python -m bench.backpressure --quick` is a 3,000-signal smoke run.
+backpressure: $(STAMP)
+	$(PY) -m bench.backpressure --signals 50000 --timeout 900
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -888,7 +888,7 @@ class Worker:
         ]
         await self._send_all(done)
 
-    async def _send_all(self, records: list[_Send]) -> None:
+    async def _send_all(self, records: Sequence[_Send]) -> None:
         """Send and wait for every acknowledgement, yielding now and then: a round of thousands
         of records must not hold a due release timer back."""
         futures = []
