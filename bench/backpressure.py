@@ -10,8 +10,8 @@ complete) -- publishes N signals as fast as the producer goes, and samples every
   /proc/PID/status; the kernel's high-water mark VmHWM is printed beside the sampled peak);
 * how many signals have a terminal ExecutionResult (the execution-results topic, read from the
   beginning by a plain aiokafka consumer in this process, with order-intents and dead-letter);
-* the worker's open signals (its /metrics) and its consumer lag on the signals topic (end
-  offsets minus the group's committed offsets).
+* the worker's open signals (its /metrics) and its consumer lag on the signals topic (signals
+  published minus the offsets its group committed).
 
 It ends when every signal is terminal (or at `--timeout`), waits `finished_linger_s` and a
 little more so finished signals can leave the worker's memory, and prints: signals published,
@@ -32,8 +32,8 @@ Debugging growth: with `ORCH_BENCH_OBJECTS=1` the worker is started through a sm
 (`python -c`, the same `orch_worker.cli` main: nothing under src/ changes) that writes a census
 of its heap to the workdir on SIGUSR1: live gc-tracked objects by type with their shallow sizes
 (frozen ones included) and the length of every container the `Worker` and its `PortfolioState`s
-hold. The bench takes one when the worker is ready, at every quarter of the signals done and at
-the end, where a second one follows a full collection (what was only garbage). With
+hold. The bench takes one when the worker is ready, at every quarter of the signals done, every
+minute and at the end, where a second one follows a full collection (what was only garbage). With
 `ORCH_BENCH_OBJECTS=trace` tracemalloc runs too and the end census lists live memory by
 allocation site. A census stalls the worker for seconds and tracemalloc slows it down, so such
 a run's timings (and what timeouts they cause) are not the worker's.
@@ -89,6 +89,8 @@ TABLE_ROWS = 10
 MEM_FLOOR = 0.15
 """Stop the run when the machine's MemAvailable falls below this share of MemTotal: the embedded
 broker keeps every record in memory, and running the machine out of memory would hurt others."""
+CENSUS_EVERY_S = 60.0
+"""With `OBJECTS_ENV`, a census also this often (a run that stalls never reaches a quarter)."""
 FORGET_EVERY_S = 1.0
 """The worker looks for finished signals to forget about once a second (worker_app)."""
 TERMINAL_STATUSES = frozenset(
@@ -96,8 +98,11 @@ TERMINAL_STATUSES = frozenset(
 )
 """ExecutionResult statuses after which a signal is done (ResultStatus.terminal)."""
 METRIC_RE = re.compile(
-    r"^orch_(open_signals|forgotten_signals_total|pending_releases) ([0-9.e+]+)$", re.M
+    r"^orch_(open_signals|forgotten_signals_total|pending_releases"
+    r'|messages_consumed_total\{topic="[^"]*?([a-z-]+)"\}) ([0-9.e+]+)$',
+    re.M,
 )
+"""The worker's gauges this bench reads, and its consumed counters by topic (short name)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,7 +287,10 @@ class Child:
                 text = r.read().decode()
         except OSError:
             return {}
-        return {m.group(1): float(m.group(2)) for m in METRIC_RE.finditer(text)}
+        return {
+            f"consumed {m.group(2)}" if m.group(2) else m.group(1): float(m.group(3))
+            for m in METRIC_RE.finditer(text)
+        }
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM, then SIGKILL after the timeout; the exit code (None if never started)."""
@@ -485,23 +493,16 @@ class Reader:
                         str(orjson.loads(r.value).get("reason_code")) for r in records
                     )
 
-    async def end_offsets(self, topic: str) -> dict[TopicPartition, int]:
-        assert self._consumer is not None
-        parts = self._consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        if not tps:
-            return {}
-        return dict(await self._consumer.end_offsets(tps))
-
     async def behind(self) -> int | None:
-        """Records on its topics this reader has not read yet (it must keep up to count)."""
+        """Records on its topics this reader has not read yet, by the high watermarks of its
+        last fetches (the embedded broker's `end_offsets` is wrong after batched produces)."""
         assert self._consumer is not None
         try:
-            tps = sorted(self._consumer.assignment())
-            ends = await asyncio.wait_for(self._consumer.end_offsets(tps), 5)
             total = 0
-            for tp, end in ends.items():
-                total += max(0, end - await asyncio.wait_for(self._consumer.position(tp), 5))
+            for tp in self._consumer.assignment():
+                high = self._consumer.highwater(tp)
+                if high is not None:
+                    total += max(0, high - await asyncio.wait_for(self._consumer.position(tp), 5))
         except Exception:  # a diagnostic only: never stop the run for it
             return None
         return total
@@ -522,16 +523,19 @@ class Reader:
 
 
 class Lag:
-    """The worker group's lag on the signals topic: end offsets minus committed offsets.
+    """The worker group's lag on the signals topic: signals published minus offsets committed.
 
-    Committed offsets are read by a consumer that names the worker's group but never
-    subscribes, so it never joins the group (aiokafka's admin client cannot decode the embedded
-    broker's OffsetFetch answer; the consumer's own request version can).
+    This bench is the only producer of its fresh signals topic, so its count of signals
+    published is the topic's end (the embedded broker's ListOffsets answer is wrong after
+    batched produces, see adapters/kafka/reader.py). Committed offsets are read by a consumer
+    that names the worker's group but never subscribes, so it never joins the group (aiokafka's
+    admin client cannot decode the embedded broker's OffsetFetch answer; a consumer's can).
     """
 
     def __init__(self, kafka: KafkaConfig, group: str, topic: str) -> None:
-        self.kafka, self.group, self.topic = kafka, group, topic
+        self.kafka, self.group = kafka, group
         self._consumer: AIOKafkaConsumer | None = None
+        self._tps = [TopicPartition(topic, p) for p in range(kafka.partitions)]
         self.failures = 0
         self.error = ""
 
@@ -539,20 +543,18 @@ class Lag:
         self._consumer = AIOKafkaConsumer(**consumer_kwargs(self.kafka, self.group))
         await self._consumer.start()
 
-    async def __call__(self, reader: Reader) -> int | None:
+    async def __call__(self, published: int) -> int | None:
         if self._consumer is None or self.failures >= 3:
             return None  # not to be had here: skip it rather than slow every sample
         try:
-            ends = await reader.end_offsets(self.topic)
-            total = 0
-            for tp, end in ends.items():
-                done = await asyncio.wait_for(self._consumer.committed(tp), 2.0)
-                total += end - (done or 0)
+            committed = 0
+            for tp in self._tps:
+                committed += await asyncio.wait_for(self._consumer.committed(tp), 2.0) or 0
         except Exception as exc:  # lag is optional: note why, carry on without it
             self.failures += 1
             self.error = f"{type(exc).__name__}: {exc}"
             return None
-        return total
+        return published - committed
 
     async def stop(self) -> None:
         if self._consumer is not None:
@@ -575,6 +577,10 @@ class Sample:
     """The embedded broker's (None with an external Kafka): its storage is memory."""
     open_signals: float | None
     forgotten: float | None
+    reports_routed: float | None
+    """Execution reports the worker's router consumed (and forwards to its decide loop)."""
+    reports_decided: float | None
+    """Forwarded reports (portfolio-inputs) its decide loop consumed."""
     lag: int | None
 
 
@@ -611,8 +617,11 @@ class Backpressure:
 
     def stop_all(self) -> None:
         for child in self.children:
+            alive = child.alive()  # one that exited by itself is reported as such already
             with contextlib.suppress(Exception):
-                self.log.exit_codes[child.name] = child.stop()
+                code = child.stop()
+                if alive:
+                    self.log.exit_codes[child.name] = code
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -701,17 +710,24 @@ class Backpressure:
     async def sample(self) -> Sample:
         assert self.worker is not None
         assert self.venue is not None
+        t, published, terminal = (
+            time.monotonic() - self.log.clock0,
+            self.log.published,
+            len(self.seen.terminal),
+        )
         gauges = await asyncio.to_thread(self.worker.metrics) if self.worker.alive() else {}
-        lag = await self.lag(self.reader)
+        lag = await self.lag(published)
         s = Sample(
-            t=time.monotonic() - self.log.clock0,
-            published=self.log.published,
-            terminal=len(self.seen.terminal),
+            t=t,
+            published=published,
+            terminal=terminal,
             worker_rss=self.worker.rss(),
             venue_rss=self.venue.rss(),
             broker_rss=rss_bytes(self.broker_pid) if self.broker_pid else None,
             open_signals=gauges.get("open_signals"),
             forgotten=gauges.get("forgotten_signals_total"),
+            reports_routed=gauges.get("consumed execution-reports"),
+            reports_decided=gauges.get("consumed portfolio-inputs"),
             lag=lag,
         )
         if self.worker.alive():
@@ -723,7 +739,7 @@ class Backpressure:
 
     async def sampler(self) -> None:
         quarters = [q * self.opts.signals // 4 for q in (1, 2, 3)]
-        said = time.monotonic()
+        said = censused = time.monotonic()
         while True:
             s = await self.sample()
             available, total = mem_available()
@@ -735,6 +751,10 @@ class Backpressure:
                 progress(self.abort)
             while quarters and s.terminal >= quarters[0]:
                 await self.census(f"{quarters.pop(0):,} done")
+                censused = time.monotonic()
+            if time.monotonic() - censused >= CENSUS_EVERY_S:
+                await self.census(f"{s.t:.0f} s")
+                censused = time.monotonic()
             if time.monotonic() - said >= 10:
                 said = time.monotonic()
                 behind = await self.reader.behind()
@@ -830,6 +850,10 @@ def _status(s: Sample, n: int) -> str:
         parts.append(f"{s.open_signals:,.0f} open in the worker")
     if s.lag is not None:
         parts.append(f"lag {s.lag:,}")
+    if s.reports_routed is not None:
+        parts.append(
+            f"reports routed {s.reports_routed:,.0f} / decided {_count(s.reports_decided)}"
+        )
     parts.append(f"worker RSS {_mib(s.worker_rss)}")
     if s.broker_rss is not None:
         parts.append(f"broker RSS {_mib(s.broker_rss)}")
@@ -920,6 +944,18 @@ class Verdict:
         return not (any(bad) or self.errors)
 
 
+def _reports(samples: Sequence[Sample]) -> str:
+    """The worker's last known counts of execution reports through its router and decide loop
+    (reports sent to the decide loop but not yet decided wait in portfolio-inputs)."""
+    last = next((s for s in reversed(samples) if s.reports_routed is not None), None)
+    if last is None:
+        return "n/a"
+    return (
+        f"{last.reports_routed:,.0f} / {_count(last.reports_decided)} "
+        f"(at {last.t:,.1f} s; the venue sends two per filled order here)"
+    )
+
+
 def _per_open(start: Sample, peak: Sample) -> str:
     if not peak.open_signals or start.worker_rss is None or peak.worker_rss is None:
         return "n/a"
@@ -966,6 +1002,7 @@ def memory_rows(b: Backpressure) -> list[tuple[str, str]]:
             "worker lag on signals, peak",
             _count(lag_peak) if lag_peak is not None else f"n/a ({b.lag.error or 'no sample'})",
         ),
+        ("reports routed / decided, last seen", _reports(rss)),
         ("venue RSS start / peak / end", _start_peak_end([s.venue_rss for s in rss])),
         ("broker RSS start / peak / end", _start_peak_end([s.broker_rss for s in rss])),
     ]
