@@ -96,12 +96,11 @@ def private_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
         broker.stop()
 
 
-@pytest.mark.parametrize("fence", [False, True], ids=["watermark", "fence"])
-async def test_a_broker_stopped_mid_read_delays_the_read_but_never_shortens_it(
-    private_broker: EmbeddedBroker, fence: bool
-) -> None:
+async def _filled_private_topic(broker: EmbeddedBroker) -> tuple[KafkaConfig, str]:
+    """9,000 records (18 MB: far more than the first fetches hold) on the test's own broker."""
+    assert broker.pid is not None
     cfg = KafkaConfig(
-        bootstrap=private_broker.bootstrap,
+        bootstrap=broker.bootstrap,
         topic_prefix="r.",
         profile=KafkaProfile.EMBEDDED,
         partitions=3,
@@ -109,7 +108,14 @@ async def test_a_broker_stopped_mid_read_delays_the_read_but_never_shortens_it(
     topic = Topics(cfg.topic_prefix).changelog
     await ensure_topics(cfg, Topics(cfg.topic_prefix))
     await _fill(cfg, topic, 9000)
-    assert private_broker.pid is not None
+    return cfg, topic
+
+
+@pytest.mark.parametrize("fence", [False, True], ids=["watermark", "fence"])
+async def test_a_broker_stopped_mid_read_delays_the_read_but_never_shortens_it(
+    private_broker: EmbeddedBroker, fence: bool
+) -> None:
+    cfg, topic = await _filled_private_topic(private_broker)
     seen: list[ConsumerRecord[bytes, bytes]] = []
 
     def slow(rec: ConsumerRecord[bytes, bytes]) -> None:
@@ -129,16 +135,7 @@ async def test_a_broker_stopped_mid_read_delays_the_read_but_never_shortens_it(
 async def test_a_read_that_cannot_finish_fails_instead_of_returning_a_part(
     private_broker: EmbeddedBroker,
 ) -> None:
-    cfg = KafkaConfig(
-        bootstrap=private_broker.bootstrap,
-        topic_prefix="r.",
-        profile=KafkaProfile.EMBEDDED,
-        partitions=3,
-    )
-    topic = Topics(cfg.topic_prefix).audit
-    await ensure_topics(cfg, Topics(cfg.topic_prefix))
-    await _fill(cfg, topic, 9000)  # 18 MB: far more than the first fetches can hold
-    assert private_broker.pid is not None
+    cfg, topic = await _filled_private_topic(private_broker)
     seen: list[ConsumerRecord[bytes, bytes]] = []
 
     def stop_at_first(rec: ConsumerRecord[bytes, bytes]) -> None:
