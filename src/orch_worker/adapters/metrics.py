@@ -28,6 +28,8 @@ class Metrics:
     owned_partitions: Gauge
     full_gc: Histogram
     forgotten: Counter
+    signals_paused: Gauge
+    signal_pauses: Counter
 
     @classmethod
     def create(cls, role: str) -> Metrics:
@@ -87,6 +89,19 @@ class Metrics:
             forgotten=Counter(
                 "forgotten_signals",
                 "Finished signals let go from memory after lingering",
+                namespace=ns,
+                registry=r,
+            ),
+            signals_paused=Gauge(
+                "signals_paused",
+                "1 while new signals wait in Kafka (backpressure), else 0",
+                namespace=ns,
+                registry=r,
+            ),
+            signal_pauses=Counter(
+                "signal_pauses",
+                "Times new signals were paused, by reason (reports_waiting, open_signals)",
+                ["reason"],
                 namespace=ns,
                 registry=r,
             ),

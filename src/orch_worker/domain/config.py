@@ -401,6 +401,18 @@ class WorkerConfig(Section):
     full_gc_every_s: float = Field(
         default=600.0, gt=0, description="how often a full collection reclaims frozen garbage"
     )
+    max_open_signals: int = Field(
+        default=2_000,
+        ge=1,
+        description="open (planned, not terminal) signals at which new signals wait in Kafka "
+        "until some finish; memory grows with this, not with the backlog",
+    )
+    reports_first_at: int = Field(
+        default=500,
+        ge=1,
+        description="routed reports and commands waiting at which new signals are paused "
+        "until they are all read, so orders are not timed out behind a signal backlog",
+    )
 
 
 class VenueConfig(Section):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import logging
 import time
 import uuid
@@ -35,6 +36,7 @@ from orch_worker.adapters.kafka.changelog import (
 )
 from orch_worker.adapters.kafka.clients import ensure_topics, faststream_security
 from orch_worker.adapters.kafka.codec import DecodeError, dead_letter, decode, encode
+from orch_worker.adapters.kafka.intake import Intake, IntakeLimits
 from orch_worker.adapters.kafka.publisher import Batch, Publisher
 from orch_worker.adapters.kafka.reader import ReadIncompleteError, partition_count, read_to_end
 from orch_worker.adapters.kafka.routing import (
@@ -83,6 +85,9 @@ SEND_SLICE = 100
 """Records handed to the producer between two yields to the event loop."""
 RECOVERY_FORGET_EVERY = 5_000
 """Changelog records folded between two looks for finished signals during recovery."""
+INTAKE_EVERY_S = 0.25
+"""How often paused signals are looked at again when no batch arrives (timers close signals
+too, and with signals paused and no reports the decide loop may get nothing to handle)."""
 
 BROKER_MEMORY = timedelta(seconds=60)
 """How far back release times count against a broker's rate budget."""
@@ -177,6 +182,20 @@ class Worker:
         )
         self.failure: BaseException | None = None
         self.prices: dict[str, Decimal] = {}
+        # Changes on every ownership change: a slice of due timers taken before it is stale.
+        self._generation = 0
+        w = cfg.worker
+        self.intake = Intake(
+            self.topics.signals,
+            self.topics.portfolio_inputs,
+            IntakeLimits(
+                max_open_signals=w.max_open_signals,
+                resume_below=max(1, w.max_open_signals * 9 // 10),
+                routed_lag=w.reports_first_at,
+            ),
+            on_change=self._intake_changed,
+        )
+        self._intake_task: asyncio.Task[None] | None = None
         self.http = (
             HealthServer(
                 self.metrics.registry,
@@ -237,14 +256,42 @@ class Worker:
         # whichever worker runs next, and a publish cut short by the closing producer is
         # not a failure.
         self.stopping = True
+        await self._stop_intake()
         await self.timers.stop()
         await self.drain()  # let decisions already taken reach Kafka before the producer closes
 
     async def _start_timers(self) -> None:
         # After the broker is connected: a due release publishes at once.
         self.timers.start(self._fire)
+        self._intake_task = asyncio.create_task(self._intake_loop(), name="intake")
         if self.heap is not None:
             self.heap.install()
+
+    async def _stop_intake(self) -> None:
+        if self._intake_task is not None:
+            self._intake_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._intake_task
+            self._intake_task = None
+
+    async def _intake_loop(self) -> None:
+        while True:
+            await asyncio.sleep(INTAKE_EVERY_S)
+            await self._apply_intake()
+
+    async def _apply_intake(self) -> None:
+        """Pause or resume new signals for the present open count and report backlog."""
+        if self.rebalancing or self.stopping or self.failed.is_set():
+            return
+        try:
+            await self.intake.apply(self._decide_sub.consumer, len(self._open_signals))
+        except Exception as exc:  # a partition revoked under our feet: the next look decides
+            log.debug("intake not applied: %r", exc)
+
+    def _intake_changed(self, reason: str | None) -> None:
+        self.metrics.signals_paused.set(0 if reason is None else 1)
+        if reason is not None:
+            self.metrics.signal_pauses.labels(reason).inc()
 
     def _forget(self, now: datetime, *, every_s: float = FORGET_EVERY_S) -> None:
         """Let finished signals go from memory (see `decider.forget_finished`)."""
@@ -295,6 +342,7 @@ class Worker:
         self.failed.set()
 
     async def shutdown(self) -> None:
+        await self._stop_intake()
         await self.timers.stop()
         if self.heap is not None:
             self.heap.uninstall()
@@ -324,6 +372,7 @@ class Worker:
 
     async def _take_ownership(self, owned: set[int]) -> None:
         self.rebalancing = True
+        self._generation += 1
         await self.drain()
         lost, gained = self.owned - owned, owned - self.owned
         self.owned = set(owned)
@@ -444,7 +493,7 @@ class Worker:
         }
         # Range assignment gives partition i of both topics to one member: with the changelog
         # keyed the same way, a portfolio's inputs and state move together on failover.
-        self.broker.subscriber(
+        self._decide_sub = self.broker.subscriber(
             t.signals,
             t.portfolio_inputs,
             group_id=self.cfg.worker.group_id,
@@ -454,7 +503,8 @@ class Worker:
             description="Signals and routed reports/control, by portfolio: one decision loop.",
             **group,
             **common,
-        )(self.handle_batch)
+        )
+        self._decide_sub(self.handle_batch)
         self.broker.subscriber(
             t.execution_reports,
             t.control,
@@ -541,6 +591,7 @@ class Worker:
         if not self.failed.is_set() and not self.stopping:
             await msg.ack()
         self._forget(self.clock())
+        await self._apply_intake()
         self._settle(backlog=len(records) >= self.cfg.worker.max_batch)
         self.metrics.handler_latency.labels("decide").observe(time.perf_counter() - started)
         self.metrics.open_signals.set(len(self._open_signals))
@@ -788,31 +839,42 @@ class Worker:
             self._on_price(rec)
 
     async def _fire(self, due: list[tuple[str, str]]) -> None:
-        """Timers fired: decide the due releases now and hand them to the publisher.
+        """Timers fired: decide the due signals now and hand them to the publisher.
 
-        The decision is taken at once, between two slices of the decision loop, so a release
-        is late by at most one slice however long publishing takes; the timer loop does not
-        wait for the publish either.
+        Decided in slices of at most CHUNK_S, like a batch of input: after a restart or a stall
+        thousands of timeouts can fall due together, and one synchronous pass over them would
+        hold the loop (and the group heartbeat) for seconds. A release is late by at most one
+        slice; the timer loop does not wait for the publish.
         """
-        if self.failed.is_set() or self.stopping or self.rebalancing:
-            return  # moving to another worker (which re-arms its own timers), or stopping
-        now = self.clock()
-        ctx = self._context(now)
-        by_portfolio: dict[str, list[str]] = {}
-        for portfolio, sid in due:
-            if portfolio not in self.portfolios:
-                continue
-            ids = by_portfolio.setdefault(portfolio, [])
-            if sid not in ids:
-                ids.append(sid)
-        batch = Batch()
-        for portfolio, sids in by_portfolio.items():
-            # One decision per signal keeps every changelog record small, however many
-            # releases fall due at once (e.g. right after a restart).
-            for sid in sids:
-                pf = self._portfolio(portfolio)
+        generation = self._generation
+        # A signal with several due timers (say a release and a timeout) is decided once.
+        pending = list(dict.fromkeys(due))
+        done = 0
+        while done < len(pending):
+            if (
+                self.failed.is_set()
+                or self.stopping
+                or self.rebalancing
+                or generation != self._generation
+            ):
+                return  # moved to another worker (which re-arms its own timers), or stopping
+            ctx = self._context(self.clock())
+            batch = Batch()
+            started = time.perf_counter()
+            while done < len(pending):
+                portfolio, sid = pending[done]
+                done += 1
+                pf = self.portfolios.get(portfolio)
+                if pf is None:
+                    continue
+                # One decision per signal keeps every changelog record small, however many
+                # releases fall due at once.
                 self._apply("timer", decider.on_due(pf, [sid], ctx), batch, None)
-        self._submit(batch).add_done_callback(self._published_timers)
+                if time.perf_counter() - started > CHUNK_S:
+                    break
+            self._submit(batch).add_done_callback(self._published_timers)
+            if done < len(pending):
+                await asyncio.sleep(0)
         self._settle(backlog=True)
 
     def _published_timers(self, task: asyncio.Future[None]) -> None:
