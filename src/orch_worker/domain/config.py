@@ -35,6 +35,9 @@ class KafkaProfile(StrEnum):
     """The embedded Tansu broker: no idempotent producer, fast group joins."""
 
 
+Codec = Literal["gzip", "snappy", "lz4", "zstd"]
+
+
 class KafkaConfig(Section):
     bootstrap: str = Field(default="127.0.0.1:9092", description="host:port[,host:port]")
     topic_prefix: str = Field(default="orch.", pattern=r"^[A-Za-z0-9._-]*$")
@@ -56,6 +59,11 @@ class KafkaConfig(Section):
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     max_message_bytes: int = Field(default=1_048_576, ge=1024)
+    compression: Literal["none"] | Codec = Field(
+        default="lz4",
+        description="producer compression: decisions are JSON states several KiB large that "
+        "compress several-fold, which cuts broker storage and network; lz4 costs least CPU",
+    )
     fetch_max_wait_ms: int | None = Field(
         default=None,
         ge=0,
@@ -68,6 +76,11 @@ class KafkaConfig(Section):
         if self.fetch_max_wait_ms is not None:
             return self.fetch_max_wait_ms
         return 2 if self.profile is KafkaProfile.EMBEDDED else 500
+
+    @property
+    def compression_type(self) -> Codec | None:
+        """The value aiokafka takes (None: uncompressed)."""
+        return None if self.compression == "none" else self.compression
 
     @property
     def idempotence(self) -> bool:

@@ -43,6 +43,7 @@ def producer_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
         "acks": "all",
         "enable_idempotence": cfg.idempotence,
         "linger_ms": 0,
+        "compression_type": cfg.compression_type,
         "max_request_size": cfg.max_message_bytes,
         "max_batch_size": max(cfg.max_message_bytes, 1_048_576),
         **security_kwargs(cfg),

@@ -211,6 +211,7 @@ class Worker:
             cfg.kafka.bootstrap,
             enable_idempotence=cfg.kafka.idempotence,
             acks="all",
+            compression_type=cfg.kafka.compression_type,
             max_request_size=cfg.kafka.max_message_bytes,
             # Decisions are written as bursts of records several KiB large; aiokafka's 16 KiB
             # default batch would send each as its own request, one round trip apiece.
