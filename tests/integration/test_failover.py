@@ -1,7 +1,8 @@
-"""Scale-out: two workers in one group share the portfolios; one is killed mid-run and the
-survivor takes its portfolios over, resuming open orders and pending releases. Every signal ends
-terminal, every intent is released once, and no portfolio's audit chain ever forks (a fork would
-mean two workers deciding for one portfolio at the same time)."""
+"""Scale-out: two workers in one group share the portfolios; one is killed mid-run (or frozen
+past its session and thawed again) and the survivor takes its portfolios over, resuming open
+orders and pending releases. Every signal ends terminal, every intent is released once, and no
+portfolio's audit chain ever forks (a fork would mean two workers deciding for one portfolio at
+the same time)."""
 
 from __future__ import annotations
 
@@ -43,11 +44,11 @@ margin_rate = "0.0333"
 """
 
 
-def _config_text() -> str:
+def _config_text(stagger_max_s: float) -> str:
     text = CONFIG
     for p in PORTFOLIOS:
         text += f'\n[portfolios.{p}]\nallocation = "equal"\n'
-        text += "stagger = { min_s = 0.1, max_s = 1.5 }\n"
+        text += f"stagger = {{ min_s = 0.1, max_s = {stagger_max_s} }}\n"
         for n in (1, 2):
             text += f'[accounts.{p}-{n}]\nportfolio = "{p}"\n'
     return text
@@ -73,11 +74,15 @@ def _gauge(body: str, name: str) -> float:
     return float(line.split()[1])
 
 
-async def test_a_killed_workers_portfolios_move_to_the_survivor(
-    kafka: KafkaConfig, tmp_path: Path
+@pytest.mark.parametrize("fault", ["kill", "freeze"])
+async def test_a_lost_workers_portfolios_move_to_the_survivor(
+    kafka: KafkaConfig, tmp_path: Path, fault: str
 ) -> None:
+    """`freeze` stops a worker (SIGSTOP) for four sessions, with releases pending, and thaws it:
+    the group has given its partitions away meanwhile, and on waking it must release nothing
+    it no longer owns (its due timers fire at once) and rebuild before deciding again."""
     cfg_path = tmp_path / "orch.toml"
-    cfg_path.write_text(_config_text())
+    cfg_path.write_text(_config_text(1.5 if fault == "kill" else 4.0))
     t = Topics(kafka.topic_prefix)
     now = datetime.now(UTC)
     states = [f.account(f"{p}-{n}", portfolio=p, at=now) for p in PORTFOLIOS for n in (1, 2)]
@@ -112,8 +117,13 @@ async def test_a_killed_workers_portfolios_move_to_the_survivor(
         ):
             await publish(kafka, t.signals, [(s.portfolio, s) for s in signals[: n // 2]])
             await intents.wait_for(lambda v: len(v) >= 10)
-            workers[0].send_signal(signal.SIGKILL)
-            workers[0].wait(10)
+            if fault == "kill":
+                workers[0].send_signal(signal.SIGKILL)
+                workers[0].wait(10)
+            else:
+                workers[0].send_signal(signal.SIGSTOP)
+                await asyncio.sleep(4 * kafka.session_timeout / 1000 + 1)
+                workers[0].send_signal(signal.SIGCONT)
             await publish(kafka, t.signals, [(s.portfolio, s) for s in signals[n // 2 :]])
 
             def all_terminal(values: list[dict[str, Any]]) -> bool:

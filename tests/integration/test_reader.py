@@ -97,13 +97,16 @@ def private_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
 
 
 async def _filled_private_topic(broker: EmbeddedBroker) -> tuple[KafkaConfig, str]:
-    """9,000 records (18 MB: far more than the first fetches hold) on the test's own broker."""
+    """9,000 records (18 MB: far more than the first fetches hold) on the test's own broker.
+
+    Uncompressed: compressed, the records are small enough for one fetch to hold them all."""
     assert broker.pid is not None
     cfg = KafkaConfig(
         bootstrap=broker.bootstrap,
         topic_prefix="r.",
         profile=KafkaProfile.EMBEDDED,
         partitions=3,
+        compression="none",
     )
     topic = Topics(cfg.topic_prefix).changelog
     await ensure_topics(cfg, Topics(cfg.topic_prefix))

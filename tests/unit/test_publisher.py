@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from orch_worker.adapters.kafka.changelog import OutRecord
-from orch_worker.adapters.kafka.publisher import Batch, Publisher
+from orch_worker.adapters.kafka.publisher import Batch, LeaseLostError, Publisher
 
 
 def _batch(n: int) -> Batch:
@@ -78,3 +78,22 @@ async def test_drain_waits_for_everything_submitted() -> None:
     await waiting
     assert all(f.done() for f in futs)
     assert sum(len(r.changelog) for r in rec.rounds) == 3
+
+
+async def test_a_closed_gate_drops_the_round_unpublished_until_reset() -> None:
+    rec = Recorder()
+    open_gate = False
+
+    async def may_publish() -> bool:
+        return open_gate
+
+    pub = Publisher(rec.publish, may_publish)
+    with pytest.raises(LeaseLostError):
+        await pub.submit(_batch(0))
+    with pytest.raises(LeaseLostError):
+        await pub.submit(_batch(1))  # nothing decided on top of dropped state goes out
+    assert rec.rounds == []
+    pub.reset()
+    open_gate = True
+    await pub.submit(_batch(2))
+    assert [v for _, v in rec.rounds[0].changelog] == [b"decision-2"]

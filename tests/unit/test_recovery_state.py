@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from orch_worker.adapters.kafka.changelog import OutRecord, Recovered, decision_record, fold
+from orch_worker.adapters.kafka.changelog import (
+    OutRecord,
+    Recovered,
+    decision_record,
+    fence_record,
+    fold,
+)
 from orch_worker.domain.coordinator import IntentStatus
 from orch_worker.domain.decider import next_wake
 from tests import factories as f
@@ -78,3 +84,37 @@ def test_the_same_history_gives_the_same_ids_delays_and_audit() -> None:
     assert a.published == b.published
     assert a.audit == b.audit
     assert a.pf == b.pf
+
+
+def test_decisions_of_a_deposed_owner_are_skipped_with_their_outbox() -> None:
+    run = busy_portfolio()
+    pf = run.pf
+    before = pf.model_copy(update={"audit_seq": 1})
+    rec = Recovered()
+    fold(rec, fence_record(5), partition=2)
+    fold(rec, decision_record("o-1", before, tuple(pf.signals), None, [], epoch=5), partition=2)
+    # The new owner's fence (generation 7), then a late decision of the old owner (epoch 5).
+    fold(rec, fence_record(7), partition=2)
+    late = [OutRecord("intents", "ACC-1", b"released twice")]
+    fold(rec, decision_record("o-2", pf, tuple(pf.signals), None, late, epoch=5), partition=2)
+    assert rec.deposed == 1
+    assert rec.pending == {}
+    assert rec.portfolios["demo"].audit_seq == 1
+    # The new owner's own decisions apply, and other partitions have their own epochs.
+    fold(rec, decision_record("o-3", pf, tuple(pf.signals), None, late, epoch=7), partition=2)
+    fold(rec, decision_record("o-4", pf, (), None, [], epoch=1), partition=0)
+    assert rec.deposed == 1
+    assert list(rec.pending) == ["o-3"]
+    assert rec.portfolios["demo"].audit_seq == pf.audit_seq
+
+
+def test_unstamped_records_and_fences_never_depose() -> None:
+    run = busy_portfolio()
+    rec = Recovered()
+    fold(rec, fence_record(None))
+    fold(rec, fence_record(3))
+    fold(rec, fence_record(2))  # an older generation never lowers the epoch
+    assert rec.epochs == {0: 3}
+    fold(rec, decision_record("o-1", run.pf, tuple(run.pf.signals), None, []))
+    assert rec.deposed == 0
+    assert rec.records == 1

@@ -10,6 +10,12 @@ A crash before 1 redelivers the input and the decision is taken again; a crash b
 leaves an outbox that start-up republishes verbatim (same ids, same hashes); after 4 nothing is
 redone. Records are keyed by portfolio, so one portfolio's history lives in one partition, in
 order. Correctness never depends on compaction.
+
+Ownership epochs: a worker that takes a partition over appends a fence record carrying the
+group generation it was assigned in (its epoch), and stamps every decision it writes there with
+that epoch. A decision stamped with an epoch older than a fence before it in the partition was
+written by a worker that had lost the partition already (a process frozen or cut off mid-publish
+whose records arrived late): folding skips it, and its outbox is never republished.
 """
 
 from __future__ import annotations
@@ -39,10 +45,13 @@ def decision_record(
     changed: tuple[str, ...],
     command_id: str | None,
     outbox: list[OutRecord],
+    *,
+    epoch: int | None = None,
 ) -> bytes:
     return orjson.dumps(
         {
             "type": "decision",
+            "epoch": epoch,
             "outbox_id": outbox_id,
             "portfolio": state.portfolio,
             "header": {
@@ -67,6 +76,10 @@ def done_record(outbox_ids: list[str]) -> bytes:
     return orjson.dumps({"type": "done", "outbox_ids": outbox_ids})
 
 
+def fence_record(epoch: int | None) -> bytes:
+    return orjson.dumps({"type": "fence", "epoch": epoch})
+
+
 @dataclass
 class Recovered:
     portfolios: dict[str, PortfolioState] = field(default_factory=dict)
@@ -75,6 +88,10 @@ class Recovered:
     done: set[str] = field(default_factory=set)
     """Done markers seen before their decision (only possible across partitions)."""
     records: int = 0
+    epochs: dict[int, int] = field(default_factory=dict)
+    """Partition -> the newest ownership epoch fenced so far."""
+    deposed: int = 0
+    """Decisions skipped: written by a worker that no longer owned their partition."""
 
     def pending_by_portfolio(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -83,17 +100,24 @@ class Recovered:
         return out
 
 
-def fold(rec: Recovered, value: bytes) -> None:
+def fold(rec: Recovered, value: bytes, partition: int = 0) -> None:
     """Apply one changelog record to the recovered state (records arrive in partition order)."""
     rec.records += 1
     doc: dict[str, Any] = orjson.loads(value)
     if doc["type"] == "fence":  # a reader's end marker (see reader.py): no state
         rec.records -= 1
+        epoch = doc.get("epoch")
+        if isinstance(epoch, int) and epoch > rec.epochs.get(partition, epoch - 1):
+            rec.epochs[partition] = epoch
         return
     if doc["type"] == "done":
         for oid in doc["outbox_ids"]:
             if rec.pending.pop(oid, None) is None:
                 rec.done.add(oid)
+        return
+    epoch = doc.get("epoch")
+    if isinstance(epoch, int) and epoch < rec.epochs.get(partition, epoch):
+        rec.deposed += 1
         return
     name = doc["portfolio"]
     pf = rec.portfolios.get(name) or PortfolioState(portfolio=name)

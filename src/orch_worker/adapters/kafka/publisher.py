@@ -45,9 +45,22 @@ def _retrieve(fut: asyncio.Future[None]) -> None:
         fut.exception()
 
 
+class LeaseLostError(Exception):
+    """Queued decisions were dropped unpublished: this worker may no longer own them."""
+
+
+async def _always() -> bool:
+    return True
+
+
 class Publisher:
-    def __init__(self, publish: Callable[[Batch], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        publish: Callable[[Batch], Awaitable[None]],
+        may_publish: Callable[[], Awaitable[bool]] = _always,
+    ) -> None:
         self._publish = publish
+        self._may_publish = may_publish
         self._queue: list[tuple[Batch, asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
         self.failure: BaseException | None = None
@@ -65,6 +78,12 @@ class Publisher:
             self._task = asyncio.create_task(self._run(), name="publisher")
         return fut
 
+    def reset(self) -> None:
+        """Accept submissions again after a failure, once memory was rebuilt from Kafka."""
+        if self._task is None or self._task.done():
+            self.failure = None
+            self._queue.clear()
+
     async def drain(self) -> None:
         """Wait until everything submitted so far is published, or has failed."""
         while self._task is not None and not self._task.done():
@@ -78,6 +97,9 @@ class Publisher:
                 merged.extend(batch)
             try:
                 if merged:
+                    # Waits while the group lease is not held; False: drop everything queued.
+                    if not await self._may_publish():
+                        raise LeaseLostError("group lease lost with decisions unpublished")
                     await self._publish(merged)
                 self.rounds += 1
             except BaseException as exc:  # cancelled included: nothing after it may go out

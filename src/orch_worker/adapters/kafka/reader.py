@@ -51,7 +51,9 @@ async def partition_count(cfg: KafkaConfig, topic: str) -> int:
         await producer.stop()
 
 
-async def _append_fences(cfg: KafkaConfig, topic: str, partitions: list[int]) -> dict[int, int]:
+async def _append_fences(
+    cfg: KafkaConfig, topic: str, partitions: list[int], value: bytes
+) -> dict[int, int]:
     """Append one fence record to each partition; returns each fence's offset."""
     producer = AIOKafkaProducer(**producer_kwargs(cfg))
     await producer.start()
@@ -59,7 +61,7 @@ async def _append_fences(cfg: KafkaConfig, topic: str, partitions: list[int]) ->
         futures = {
             p: await producer.send(
                 topic,
-                value=b'{"type":"fence"}',
+                value=value,
                 partition=p,
                 headers=[(FENCE_HEADER, b"1")],
             )
@@ -108,13 +110,16 @@ async def read_to_end(
     *,
     partitions: Collection[int] | None = None,
     fence: bool = False,
+    fence_value: bytes = b'{"type":"fence"}',
+    on_fence: Callable[[ConsumerRecord[bytes, bytes]], None] | None = None,
     timeout_s: float = 300.0,
 ) -> int:
     """Feed every record now in `topic` to `on_record` in partition order; returns the count.
 
-    With `fence`, a marker is appended to each partition first and the read ends past it;
-    otherwise it ends when each partition's position reaches the high watermark of a fetch.
-    Raises `ReadIncompleteError` if that takes longer than `timeout_s`.
+    With `fence`, a marker (`fence_value`) is appended to each partition first and the read
+    ends past it; otherwise it ends when each partition's position reaches the high watermark
+    of a fetch. Fence records, this read's and earlier ones, go to `on_fence` if given, never
+    to `on_record`. Raises `ReadIncompleteError` if that takes longer than `timeout_s`.
     """
     consumer = AIOKafkaConsumer(**consumer_kwargs(cfg, None))
     await consumer.start()
@@ -126,7 +131,8 @@ async def read_to_end(
         # The end to reach per partition: one past the fence, or (None) the fetched watermark.
         ends: dict[int, int | None] = dict.fromkeys(wanted)
         if fence:
-            ends = {p: o + 1 for p, o in (await _append_fences(cfg, topic, wanted)).items()}
+            appended = await _append_fences(cfg, topic, wanted, fence_value)
+            ends = {p: o + 1 for p, o in appended.items()}
         tps = [TopicPartition(topic, p) for p in wanted]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
@@ -138,6 +144,8 @@ async def read_to_end(
                     if not is_fence(rec):
                         on_record(rec)
                         count += 1
+                    elif on_fence is not None:
+                        on_fence(rec)
             behind = await _behind(consumer, tps, ends)
             if not behind:
                 return count

@@ -32,12 +32,14 @@ from orch_worker.adapters.kafka.changelog import (
     Recovered,
     decision_record,
     done_record,
+    fence_record,
     fold,
 )
 from orch_worker.adapters.kafka.clients import ensure_topics, faststream_security
 from orch_worker.adapters.kafka.codec import DecodeError, dead_letter, decode, encode
 from orch_worker.adapters.kafka.intake import Intake, IntakeLimits
-from orch_worker.adapters.kafka.publisher import Batch, Publisher
+from orch_worker.adapters.kafka.lease import Lease, generation_of
+from orch_worker.adapters.kafka.publisher import Batch, LeaseLostError, Publisher
 from orch_worker.adapters.kafka.reader import ReadIncompleteError, partition_count, read_to_end
 from orch_worker.adapters.kafka.routing import (
     BROADCAST_HEADER,
@@ -89,6 +91,11 @@ INTAKE_EVERY_S = 0.25
 """How often paused signals are looked at again when no batch arrives (timers close signals
 too, and with signals paused and no reports the decide loop may get nothing to handle)."""
 
+LEASE_MARGIN = 0.2
+"""Share of the session timeout the group lease ends before it (see lease.py)."""
+LEASE_POLL_S = 0.01
+"""How often a decision waiting for the lease looks again."""
+
 BROKER_MEMORY = timedelta(seconds=60)
 """How far back release times count against a broker's rate budget."""
 
@@ -110,14 +117,23 @@ class _Assigned(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         self.event.clear()
-        self.worker.rebalancing = True
+        w = self.worker
+        w.rebalancing = True
+        w.lease.attach(w._decide_sub.consumer)
+        if w.owned and not w.lease.held():
+            # Perhaps dropped from the group already, and another worker decided meanwhile.
+            w.tainted = True
         # Wait for decisions still being published: the next owner of these partitions reads
-        # the changelog once the group settles, so everything must be written by then.
-        await self.worker.drain()
+        # the changelog once the group settles, so everything must be written by then. Without
+        # the lease, what is queued is dropped instead (see `_may_publish`).
+        await w.drain()
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
-        owned = {tp.partition for tp in assigned if tp.topic == self.worker.topics.signals}
-        await self.worker.take_ownership(owned)
+        w = self.worker
+        w.lease.attach(w._decide_sub.consumer)
+        w.lease.joined()
+        owned = {tp.partition for tp in assigned if tp.topic == w.topics.signals}
+        await w.take_ownership(owned, generation_of(w._decide_sub.consumer))
         self.event.set()
 
 
@@ -160,8 +176,17 @@ class Worker:
         self.owned: set[int] = set()
         self.n_partitions = 0
         self.rebalancing = False
+        self.lease = Lease(
+            cfg.kafka.session_timeout / 1000, cfg.kafka.session_timeout / 1000 * LEASE_MARGIN
+        )
+        # Set when memory may hold decisions that never reached Kafka, or miss decisions another
+        # worker took: the next assignment then rebuilds every partition from the changelog.
+        self.tainted = False
+        self._group_generation: int | None = None
+        # Partition -> the ownership epoch its decisions are stamped with (see changelog.py).
+        self._epochs: dict[int, int | None] = {}
         # Decisions are taken synchronously (never interleaved) and published in that order.
-        self.publisher = Publisher(self._publish)
+        self.publisher = Publisher(self._publish_decisions, self._may_publish)
         # Held while partitions change hands: aiokafka may hand the decide loop a batch while
         # the rebalance callback is still recovering, and nothing may be decided on a state
         # that recovery is about to replace.
@@ -338,6 +363,12 @@ class Worker:
         if self.stopping:
             log.info("publish cut short by shutdown (%r); uncommitted input is redelivered", exc)
             return
+        if isinstance(exc, LeaseLostError):
+            # Not published and not committed: the input is redelivered to the partitions'
+            # owner, and memory is rebuilt from the changelog at the next assignment.
+            log.warning("%s; memory is rebuilt at the next assignment", exc)
+            self.tainted = True
+            return
         log.critical("could not publish a decision, stopping: %r", exc, exc_info=exc)
         self.failure = exc
         self.failed.set()
@@ -366,27 +397,47 @@ class Worker:
     def owns(self, portfolio: str) -> bool:
         return portfolio_partition(portfolio, self.n_partitions) in self.owned
 
-    async def take_ownership(self, owned: set[int]) -> None:
-        """Drop portfolios whose partitions left, load those that arrived, re-arm the timers."""
-        async with self._ownership:
-            await self._take_ownership(owned)
+    async def take_ownership(self, owned: set[int], generation: int | None = None) -> None:
+        """Drop portfolios whose partitions left, load those that arrived, re-arm the timers.
 
-    async def _take_ownership(self, owned: set[int]) -> None:
+        `generation` is the group generation of this assignment: one that moved by more than
+        one since the last means the group rebalanced without this worker, so partitions it
+        kept may have been decided elsewhere in between, and all are rebuilt.
+        """
+        async with self._ownership:
+            await self._take_ownership(owned, generation)
+
+    async def _take_ownership(self, owned: set[int], generation: int | None) -> None:
         self.rebalancing = True
         self._generation += 1
         await self.drain()
+        last, self._group_generation = self._group_generation, generation
+        skipped = last is not None and generation is not None and generation != last + 1
+        if self.tainted or skipped:
+            log.warning(
+                "rebuilding every partition from the changelog: %s",
+                "the group lease ran out while deciding for them"
+                if self.tainted
+                else f"the group moved from generation {last} to {generation} without us",
+            )
+            self.owned = set()
+            self.portfolios = {}
+            self.publisher.reset()
+            self.tainted = False
         lost, gained = self.owned - owned, owned - self.owned
         self.owned = set(owned)
         now = self.clock()
         for p in gained:
             self._listening.since[p] = now
+            self._epochs[p] = generation
         for p in lost:
             self._listening.since.pop(p, None)
+            self._epochs.pop(p, None)
         if lost:
             self.portfolios = {n: p for n, p in self.portfolios.items() if self.owns(n)}
         if gained:
             try:
-                await self.recover(gained)
+                await self.recover(gained, generation)
             except ReadIncompleteError as exc:  # acting on part of the history repeats work
                 self._fail(exc)
                 return
@@ -417,13 +468,20 @@ class Worker:
         for pf in self.portfolios.values():
             self._index(pf, tuple(pf.signals))
 
-    async def recover(self, partitions: set[int]) -> None:
-        """Rebuild these partitions' portfolios from the changelog; finish unfinished outboxes."""
+    async def recover(self, partitions: set[int], epoch: int | None = None) -> None:
+        """Rebuild these partitions' portfolios from the changelog; finish unfinished outboxes.
+
+        The fence appended first carries `epoch`: from it on, decisions of earlier owners that
+        arrive late are skipped by every later recovery (see changelog.py).
+        """
         rec = Recovered()
         now = self.clock()
 
+        def on_fence(r: ConsumerRecord[bytes, bytes]) -> None:
+            fold(rec, r.value, r.partition)
+
         def on_record(r: ConsumerRecord[bytes, bytes]) -> None:
-            fold(rec, r.value)
+            fold(rec, r.value, r.partition)
             if rec.records % RECOVERY_FORGET_EVERY == 0:  # a long history must not fill memory
                 for name, pf in rec.portfolios.items():
                     rec.portfolios[name] = decider.forget_finished(pf, now, self.cfg)[0]
@@ -434,18 +492,21 @@ class Worker:
             on_record,
             partitions=partitions,
             fence=True,  # proves that every decision written before this read is folded in
+            fence_value=fence_record(epoch),
+            on_fence=on_fence,
         )
         for name, pf in rec.portfolios.items():
             if self.owns(name):
                 self.portfolios[name] = pf
         log.info(
             "recovered %d changelog records of partitions %s: %d portfolios, %d signals, "
-            "%d unfinished outboxes",
+            "%d unfinished outboxes, %d decisions of deposed owners skipped",
             rec.records,
             sorted(partitions),
             len(rec.portfolios),
             sum(len(p.signals) for p in rec.portfolios.values()),
             len(rec.pending),
+            rec.deposed,
         )
         if rec.pending:
             await self._finish_outboxes(rec)
@@ -570,14 +631,23 @@ class Worker:
         # hold releases back. A crash before the ack redelivers the batch, and the decided part
         # dedupes as duplicates.
         while done < len(records):
+            # Nothing is decided while partitions change hands or another worker may own them.
+            while self.rebalancing or not self.lease.held():
+                if self.failed.is_set() or self.stopping:
+                    return
+                await asyncio.sleep(LEASE_POLL_S)
             async with self._ownership:  # no await inside: a slice is decided in one go
                 if self.failed.is_set() or self.stopping:
                     return  # nothing more is decided or committed; the restart redelivers
+                if self.rebalancing or not self.lease.held():
+                    continue
                 batch = Batch()
                 chunk_started = time.perf_counter()
                 while done < len(records):
                     rec = records[done]
                     done += 1
+                    if rec.partition not in self.owned:
+                        continue  # its partition moved on in a rebalance: its new owner reads it
                     self.metrics.consumed.labels(rec.topic).inc()
                     self._decide(rec, batch)
                     if time.perf_counter() - chunk_started > CHUNK_S:
@@ -764,7 +834,10 @@ class Worker:
         outbox += [OutRecord(t.interventions, i.signal_id, encode(i)) for i in d.interventions]
         outbox += [OutRecord(t.audit, e.portfolio, encode(e)) for e in d.audit]
         outbox_id = uuid.uuid4().hex
-        record = decision_record(outbox_id, d.state, d.changed_signals, command_id, outbox)
+        epoch = self._epochs.get(portfolio_partition(d.state.portfolio, self.n_partitions))
+        record = decision_record(
+            outbox_id, d.state, d.changed_signals, command_id, outbox, epoch=epoch
+        )
         # Memory moves only once everything to publish is built: an error above leaves the
         # state as it was, so the input can be dead-lettered without diverging from Kafka.
         self.portfolios[d.state.portfolio] = d.state
@@ -852,12 +925,7 @@ class Worker:
         pending = list(dict.fromkeys(due))
         done = 0
         while done < len(pending):
-            if (
-                self.failed.is_set()
-                or self.stopping
-                or self.rebalancing
-                or generation != self._generation
-            ):
+            if self.rebalancing or not await self._hold_lease(generation):
                 return  # moved to another worker (which re-arms its own timers), or stopping
             ctx = self._context(self.clock())
             batch = Batch()
@@ -877,6 +945,29 @@ class Worker:
             if done < len(pending):
                 await asyncio.sleep(0)
         self._settle(backlog=True)
+
+    async def _hold_lease(self, generation: int) -> bool:
+        """Wait until the group lease is held; False if ownership changed or work must stop."""
+        while not self.lease.held():
+            if (
+                self.failed.is_set()
+                or self.stopping
+                or self.rebalancing
+                or generation != self._generation
+            ):
+                return False
+            await asyncio.sleep(LEASE_POLL_S)
+        return not (self.failed.is_set() or self.stopping or generation != self._generation)
+
+    async def _may_publish(self) -> bool:
+        """Gate of every publish round: never publish while another worker may own the
+        partitions. In a rebalance without the lease, what is queued is dropped (the input is
+        redelivered); otherwise wait for the next heartbeat."""
+        while not self.lease.held():
+            if self.rebalancing or self.stopping or self.failed.is_set():
+                return False
+            await asyncio.sleep(LEASE_POLL_S)
+        return True
 
     def _published_timers(self, task: asyncio.Future[None]) -> None:
         if not task.cancelled() and (exc := task.exception()) is not None:
@@ -937,11 +1028,16 @@ class Worker:
         done.set_result(sent)
         return done
 
-    async def _publish(self, batch: Batch) -> None:
+    async def _publish_decisions(self, batch: Batch) -> None:
+        await self._publish(batch, fenced=True)
+
+    async def _publish(self, batch: Batch, *, fenced: bool = False) -> None:
+        """Changelog, then outputs, then done markers. `fenced`: the batch holds decisions of
+        the decide group, and no record of it is handed to the producer without the lease."""
         changelog = [(self.topics.changelog, p, v, (), None) for p, v in batch.changelog]
-        await self._send_all(changelog)
+        await self._send_all(changelog, fenced)
         outputs = [(o.topic, o.key, o.value, o.headers, o.partition) for o in batch.outputs]
-        await self._send_all(outputs)
+        await self._send_all(outputs, fenced)
         # Done markers are keyed by portfolio so they follow their decisions in the same
         # partition. Losing one only means a restart republishes outputs that consumers
         # already deduplicate (and intents are checked against the topic first).
@@ -949,13 +1045,21 @@ class Worker:
             (self.topics.changelog, p, done_record(ids), (), None)
             for p, ids in batch.outbox_ids.items()
         ]
-        await self._send_all(done)
+        await self._send_all(done, fenced)
 
-    async def _send_all(self, records: Sequence[_Send]) -> None:
+    async def _send_all(self, records: Sequence[_Send], fenced: bool = False) -> None:
         """Send and wait for every acknowledgement, yielding now and then: a round of thousands
-        of records must not hold a due release timer back."""
+        of records must not hold a due release timer back.
+
+        Fenced records are handed over one by one under the lease: a process frozen in the
+        middle of a round (stopped, swapped out) must not finish it after waking if its
+        partitions went elsewhere meanwhile. What it had sent stays an unfinished outbox in
+        the changelog, which the owner completes (see `_finish_outboxes`).
+        """
         futures = []
         for n, (topic, key, value, headers, partition) in enumerate(records, 1):
+            if fenced and not self.lease.held() and not await self._may_publish():
+                raise LeaseLostError("group lease lost in the middle of a publish round")
             futures.append(await self._send(topic, key, value, headers, partition))
             if n % SEND_SLICE == 0:
                 await asyncio.sleep(0)
