@@ -82,7 +82,15 @@ def fence_record(epoch: int | None) -> bytes:
 
 @dataclass
 class Recovered:
-    portfolios: dict[str, PortfolioState] = field(default_factory=dict)
+    """What the changelog folds into. Signal states are validated lazily: a signal is written
+    once per decision about it, and only its last state before a `settle` is ever used, so a
+    long history costs one JSON parse per record and one validation per signal."""
+
+    _portfolios: dict[str, PortfolioState] = field(default_factory=dict)
+    _raw: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    """Portfolio -> signal id -> its newest state, not yet validated."""
+    _header: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _commands: dict[str, list[str]] = field(default_factory=dict)
     pending: dict[str, list[OutRecord]] = field(default_factory=dict)
     pending_portfolio: dict[str, str] = field(default_factory=dict)
     done: set[str] = field(default_factory=set)
@@ -92,6 +100,40 @@ class Recovered:
     """Partition -> the newest ownership epoch fenced so far."""
     deposed: int = 0
     """Decisions skipped: written by a worker that no longer owned their partition."""
+
+    @property
+    def portfolios(self) -> dict[str, PortfolioState]:
+        """The folded portfolios (settled first); entries may be replaced in place."""
+        self.settle()
+        return self._portfolios
+
+    def settle(self) -> None:
+        """Build the portfolio states from what was folded since the last call."""
+        for name in set(self._raw) | set(self._header) | set(self._commands):
+            pf = self._portfolios.get(name) or PortfolioState(portfolio=name)
+            update: dict[str, Any] = {}
+            raw = self._raw.pop(name, None)
+            if raw:
+                signals = dict(pf.signals)
+                for sid, doc in raw.items():
+                    signals[sid] = SignalState.model_validate(doc)
+                update["signals"] = signals
+            h = self._header.pop(name, None)
+            if h is not None:
+                update |= {
+                    "audit_seq": h["audit_seq"],
+                    "audit_hash": h["audit_hash"],
+                    "halted": h["halted"],
+                    "paused_accounts": frozenset(h["paused_accounts"]),
+                    "account_health": {
+                        a: AccountHealth.model_validate(v)
+                        for a, v in h.get("account_health", {}).items()
+                    },
+                }
+            commands = self._commands.pop(name, None)
+            if commands:
+                update["seen_commands"] = (*pf.seen_commands, *commands)
+            self._portfolios[name] = pf.model_copy(update=update)
 
     def pending_by_portfolio(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -120,28 +162,12 @@ def fold(rec: Recovered, value: bytes, partition: int = 0) -> None:
         rec.deposed += 1
         return
     name = doc["portfolio"]
-    pf = rec.portfolios.get(name) or PortfolioState(portfolio=name)
-    signals = dict(pf.signals)
-    for s in doc["signals"]:
-        st = SignalState.model_validate(s)
-        signals[st.signal.signal_id] = st
-    h = doc["header"]
-    seen = pf.seen_commands
+    raw = rec._raw.setdefault(name, {})
+    for st in doc["signals"]:
+        raw[st["signal"]["signal_id"]] = st
+    rec._header[name] = doc["header"]
     if doc.get("command_id"):
-        seen = (*seen, doc["command_id"])
-    rec.portfolios[name] = pf.model_copy(
-        update={
-            "signals": signals,
-            "audit_seq": h["audit_seq"],
-            "audit_hash": h["audit_hash"],
-            "halted": h["halted"],
-            "paused_accounts": frozenset(h["paused_accounts"]),
-            "account_health": {
-                a: AccountHealth.model_validate(v) for a, v in h.get("account_health", {}).items()
-            },
-            "seen_commands": seen,
-        }
-    )
+        rec._commands.setdefault(name, []).append(doc["command_id"])
     if doc["outbox"] and doc["outbox_id"] not in rec.done:
         rec.pending_portfolio[doc["outbox_id"]] = name
         rec.pending[doc["outbox_id"]] = [
