@@ -6,15 +6,19 @@ handler is fed records in memory and its publications are captured by in-memory 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import orjson
 from faststream.kafka import TestKafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 
+from orch_worker.adapters.kafka.publisher import Batch
 from orch_worker.adapters.kafka.topics import Topics
 from orch_worker.adapters.kafka.worker_app import Worker
+from orch_worker.domain import decider
 from tests import factories as f
 
 
@@ -60,3 +64,42 @@ async def test_invalid_signal_is_dead_lettered_in_memory_too() -> None:
     [letter] = seen[t.dead_letter]
     assert letter["error_type"] == "schema_invalid"
     assert t.order_intents not in seen
+
+
+async def test_many_due_timers_are_decided_in_slices_that_let_the_loop_run() -> None:
+    """A restart or a stall can bring thousands of timeouts due at once; deciding them in one
+    pass would hold the event loop (and the group heartbeat) for seconds."""
+    now = [f.NOW]
+    worker, t, seen = _worker()
+    worker.clock = lambda: now[0]
+    n = 120
+    async with TestKafkaBroker(worker.broker):
+        batch = Batch()
+        for k in range(n):
+            pf = worker._portfolio("demo")
+            d = decider.on_signal(pf, f.signal(f"s{k}"), worker._context(now[0]))
+            worker._apply("signal", d, batch, None)
+        await worker._submit(batch)
+        released = len(seen[t.order_intents])
+        assert released == 3 * n
+        # Nobody acknowledges: every order's acknowledgement timeout falls due together.
+        ack_timeout = worker.cfg.portfolios["demo"].execution.ack_timeout_s
+        now[0] += timedelta(seconds=ack_timeout + 1)
+        due = [("demo", f"s{k}") for k in range(n)]
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        ticker = asyncio.create_task(tick())
+        try:
+            await worker._fire(due + due)  # a signal due twice is decided once
+        finally:
+            ticker.cancel()
+        await worker.drain()
+    assert ticks >= 2, "the loop ran between slices"
+    assert worker.metrics.outcomes.labels("timer", "timers")._value.get() == n
+    assert not worker.failed.is_set()
