@@ -8,7 +8,7 @@ from aiokafka import TopicPartition
 
 from orch_worker.adapters.kafka.intake import Intake, IntakeLimits, IntakeState, pause_reason
 
-LIMITS = IntakeLimits(max_open_signals=100, resume_below=90, routed_lag=50)
+LIMITS = IntakeLimits(max_open_signals=100, resume_below=90, routed_lag=50, routed_resume=5)
 
 
 def reason(paused: bool, open_signals: int, waiting: int) -> str | None:
@@ -20,10 +20,10 @@ def test_signals_are_read_while_under_both_limits() -> None:
     assert reason(False, 99, 49) is None
 
 
-def test_waiting_reports_come_first_and_hold_the_pause_until_none_wait() -> None:
+def test_waiting_reports_come_first_and_hold_the_pause_until_few_wait() -> None:
     assert reason(False, 0, 50) == "reports_waiting"
-    assert reason(True, 0, 1) == "reports_waiting"
-    assert reason(True, 0, 0) is None
+    assert reason(True, 0, 5) == "reports_waiting"
+    assert reason(True, 0, 4) is None
     # Below the threshold a few waiting reports do not pause a running intake.
     assert reason(False, 0, 49) is None
 

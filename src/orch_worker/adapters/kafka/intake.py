@@ -37,6 +37,9 @@ class IntakeLimits:
     are not paused and resumed for every finished signal)."""
     routed_lag: int
     """Routed reports and commands waiting at which new signals give way to them."""
+    routed_resume: int = 1
+    """...and below which they are read again: not zero, or under a steady flow of reports
+    every open signal would finish before a new one is read, and the pipeline runs dry."""
 
 
 @dataclass(frozen=True)
@@ -51,9 +54,11 @@ def pause_reason(paused: bool, s: IntakeState, limits: IntakeLimits) -> str | No
 
     Reports come first: they close open signals, and every one that waits brings its order
     closer to an acknowledgement timeout. A pause for open signals holds until the count falls
-    below `resume_below`; a pause for waiting reports holds until none wait.
+    below `resume_below`; a pause for waiting reports until fewer than `routed_resume` wait.
     """
-    if s.routed_waiting >= limits.routed_lag or (paused and s.routed_waiting > 0):
+    if s.routed_waiting >= limits.routed_lag or (
+        paused and s.routed_waiting >= limits.routed_resume
+    ):
         return "reports_waiting"
     if s.open_signals >= limits.max_open_signals or (
         paused and s.open_signals >= limits.resume_below

@@ -217,6 +217,7 @@ class Worker:
                 max_open_signals=w.max_open_signals,
                 resume_below=max(1, w.max_open_signals * 9 // 10),
                 routed_lag=w.reports_first_at,
+                routed_resume=max(1, w.reports_first_at // 10),
             ),
             on_change=self._intake_changed,
         )
