@@ -119,6 +119,7 @@ class _Assigned(ConsumerRebalanceListener):  # type: ignore[misc]
         self.event.clear()
         w = self.worker
         w.rebalancing = True
+        await w.stop_taking_ownership()  # a recovery still running is for the old assignment
         w.lease.attach(w._decide_sub.consumer)
         if w.owned and not w.lease.held():
             # Perhaps dropped from the group already, and another worker decided meanwhile.
@@ -133,8 +134,8 @@ class _Assigned(ConsumerRebalanceListener):  # type: ignore[misc]
         w.lease.attach(w._decide_sub.consumer)
         w.lease.joined()
         owned = {tp.partition for tp in assigned if tp.topic == w.topics.signals}
-        await w.take_ownership(owned, generation_of(w._decide_sub.consumer))
-        self.event.set()
+        w.rebalancing = True
+        w.begin_taking_ownership(owned, generation_of(w._decide_sub.consumer))
 
 
 class _ListeningSince(Mapping[str, datetime]):
@@ -222,6 +223,7 @@ class Worker:
             on_change=self._intake_changed,
         )
         self._intake_task: asyncio.Task[None] | None = None
+        self._taking: asyncio.Task[None] | None = None
         self.http = (
             HealthServer(
                 self.metrics.registry,
@@ -283,6 +285,7 @@ class Worker:
         # whichever worker runs next, and a publish cut short by the closing producer is
         # not a failure.
         self.stopping = True
+        await self.stop_taking_ownership()
         await self._stop_intake()
         await self.timers.stop()
         await self.drain()  # let decisions already taken reach Kafka before the producer closes
@@ -398,6 +401,35 @@ class Worker:
     def owns(self, portfolio: str) -> bool:
         return portfolio_partition(portfolio, self.n_partitions) in self.owned
 
+    def begin_taking_ownership(self, owned: set[int], generation: int | None) -> None:
+        """Recover beside the group's heartbeats, not inside the assignment callback.
+
+        aiokafka sends no heartbeat until that callback returns: a recovery longer than the
+        session timeout inside it gets the worker dropped from the group, and the rebalance
+        that follows starts the recovery again, over and over.
+        """
+        self._taking = asyncio.create_task(
+            self._take_and_announce(owned, generation), name="take-ownership"
+        )
+
+    async def _take_and_announce(self, owned: set[int], generation: int | None) -> None:
+        try:
+            await self.take_ownership(owned, generation)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # without its state the worker must not decide: stop
+            self._fail(exc)
+            return
+        if not self.failed.is_set():
+            self._assigned.event.set()
+
+    async def stop_taking_ownership(self) -> None:
+        task, self._taking = self._taking, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     async def take_ownership(self, owned: set[int], generation: int | None = None) -> None:
         """Drop portfolios whose partitions left, load those that arrived, re-arm the timers.
 
@@ -426,22 +458,28 @@ class Worker:
             self.publisher.reset()
             self.tainted = False
         lost, gained = self.owned - owned, owned - self.owned
+        for p in lost:
+            self._listening.since.pop(p, None)
+            self._epochs.pop(p, None)
+        # Only what is loaded counts as owned: a recovery cut short by the next rebalance
+        # leaves its partitions to be loaded again.
+        self.owned = self.owned - lost
+        if lost:
+            self.portfolios = {n: p for n, p in self.portfolios.items() if self.owns(n)}
+        try:
+            if gained:
+                await self.recover(gained, generation)
+        except ReadIncompleteError as exc:  # acting on part of the history repeats work
+            self._fail(exc)
+            return
+        except asyncio.CancelledError:
+            self.portfolios = {n: p for n, p in self.portfolios.items() if self.owns(n)}
+            raise
         self.owned = set(owned)
         now = self.clock()
         for p in gained:
             self._listening.since[p] = now
             self._epochs[p] = generation
-        for p in lost:
-            self._listening.since.pop(p, None)
-            self._epochs.pop(p, None)
-        if lost:
-            self.portfolios = {n: p for n, p in self.portfolios.items() if self.owns(n)}
-        if gained:
-            try:
-                await self.recover(gained, generation)
-            except ReadIncompleteError as exc:  # acting on part of the history repeats work
-                self._fail(exc)
-                return
         self._forget(now, every_s=0)
         self._reindex()
         self.rebalancing = False
@@ -497,7 +535,7 @@ class Worker:
             on_fence=on_fence,
         )
         for name, pf in rec.portfolios.items():
-            if self.owns(name):
+            if portfolio_partition(name, self.n_partitions) in partitions:
                 self.portfolios[name] = pf
         log.info(
             "recovered %d changelog records of partitions %s: %d portfolios, %d signals, "
