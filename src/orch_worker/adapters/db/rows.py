@@ -219,7 +219,7 @@ def record_from_json(value: bytes) -> EventRecord | None:
         UnrepresentableEventError: the event is valid, but no store can hold it exactly.
     """
     try:
-        d = from_json(value)
+        d = from_json(value, cache_strings=False)
     except ValueError:
         return None
     if type(d) is not dict or len(d) != len(EVENT_COLUMNS):
