@@ -402,6 +402,27 @@ def test_a_new_sqlite_store_has_8_kib_pages_and_an_older_one_keeps_its_own(
             assert conn.execute("PRAGMA page_size").fetchone() == (page,)
 
 
+def test_sqlite_calls_committing_once_per_write_with_the_batch_written_but_not_committed(
+    tmp_path: Path,
+) -> None:
+    """The sink decodes its next batch in that window, so it must be the COMMIT alone."""
+    path = tmp_path / "audit.db"
+    _, events = _chain("alpha", _signal_lifecycle())
+    visible: list[int] = []
+
+    def committing() -> None:
+        with sqlite3.connect(path) as other:  # WAL: another connection sees committed rows only
+            visible.append(other.execute("SELECT count(*) FROM audit_events").fetchone()[0])
+
+    with open_store(f"sqlite:///{path}") as store:
+        store.committing = committing
+        store.write_batch(events[:SPLIT])
+        store.write_batch(events[SPLIT:])
+
+        assert visible == [0, SPLIT]
+        assert list(store.events()) == events
+
+
 def test_an_event_from_before_the_year_1000_round_trips_in_postgresql() -> None:
     backends = _postgres_backend()
     backend = next(backends)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from orch_worker.adapters.db.rows import EventRecord
@@ -329,3 +329,47 @@ async def test_a_second_sink_joining_the_group_takes_partitions_and_nothing_is_l
         for portfolio, chain_ in chains.items():
             assert list(store.events(portfolio)) == chain_
             assert verify_chain(store.events(portfolio)) is None
+
+
+def test_a_batch_decoded_in_steps_never_skips_a_record_that_failed_to_decode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The loop decodes part of a batch while the store commits the one before; if that fails
+    unexpectedly, the write decodes the same record again (and fails loudly), never past it."""
+    tp = TopicPartition("audit", 0)
+    events = _events("alpha", 4)
+    batch = sink_app._Batch()
+    batch.add(
+        {
+            tp: [
+                ConsumerRecord("audit", 0, i, 0, 0, b"alpha", encode(e), None, 5, 0, [])
+                for i, e in enumerate(events[:2])
+            ]
+        }
+    )
+    assert [r.row[0] for r in batch.decode()] == [e.event_id for e in events[:2]]
+
+    batch.add(
+        {
+            tp: [
+                ConsumerRecord("audit", 0, i, 0, 0, b"alpha", encode(e), None, 5, 0, [])
+                for i, e in enumerate(events[2:], 2)
+            ]
+        }
+    )
+    real = sink_app.decode_record
+    broken = encode(events[3])
+
+    def flaky(value: bytes | None) -> EventRecord:
+        if value == broken:
+            raise RuntimeError("a bug")
+        return real(value)
+
+    monkeypatch.setattr(sink_app, "decode_record", flaky)
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            batch.decode()
+        assert batch.decoded == 3
+    monkeypatch.setattr(sink_app, "decode_record", real)
+    assert [r.row[0] for r in batch.decode()] == [e.event_id for e in events]
+    assert len(batch.origins) == len(events)
