@@ -155,3 +155,27 @@ async def test_restarted_worker_does_not_plan_a_signal_twice(kafka: KafkaConfig)
         seqs = sorted(int(str(e["seq"])) for e in by_id.values())
         assert seqs == list(range(1, len(seqs) + 1)), "the audit chain continues across restarts"
         assert len(seqs) == 14
+
+
+async def test_a_restart_reads_the_changelog_from_the_newest_snapshot(kafka: KafkaConfig) -> None:
+    cfg = f.config(kafka)
+    cfg = cfg.model_copy(update={"worker": cfg.worker.model_copy(update={"snapshot_every": 4})})
+    t = Topics(kafka.topic_prefix)
+    await seed_accounts(cfg, t)
+    async with Collector(kafka, t.order_intents) as intents, Collector(kafka, t.changelog) as log:
+        async with running(cfg):
+            await publish(kafka, t.signals, [("demo", f.signal(f"sig-{n}")) for n in range(6)])
+            await intents.wait_for(lambda v: len(v) == 18)
+            await log.wait_for(lambda v: any(r["type"] == "snapshot" for r in v))
+        async with running(cfg) as worker:
+            assert any(offset > 0 for offset in worker.recovery_starts.values())
+            # Every signal is known from the snapshot: copies are duplicates, new ones plan.
+            await publish(
+                kafka, t.signals, [("demo", f.signal("sig-0")), ("demo", f.signal("sig-new"))]
+            )
+            await intents.wait_for(lambda v: len(v) == 21)
+            # Inputs the stop left uncommitted are read again too: duplicates as well.
+            assert worker.metrics.outcomes.labels("signal", "duplicate")._value.get() >= 1
+            assert len(worker.portfolios["demo"].signals) == 7
+    ids = [i["intent_id"] for i in intents.values]
+    assert len(ids) == len(set(ids)) == 21

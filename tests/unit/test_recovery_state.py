@@ -6,11 +6,14 @@ from __future__ import annotations
 from decimal import Decimal
 
 from orch_worker.adapters.kafka.changelog import (
+    SNAPSHOT_PART_BYTES,
     OutRecord,
     Recovered,
+    SnapshotScan,
     decision_record,
     fence_record,
     fold,
+    snapshot_parts,
 )
 from orch_worker.domain.coordinator import IntentStatus
 from orch_worker.domain.decider import next_wake
@@ -118,3 +121,74 @@ def test_unstamped_records_and_fences_never_depose() -> None:
     fold(rec, decision_record("o-1", run.pf, tuple(run.pf.signals), None, []))
     assert rec.deposed == 0
     assert rec.records == 1
+
+
+def _fold_all(records: list[bytes], partition: int = 0) -> Recovered:
+    rec = Recovered()
+    for r in records:
+        fold(rec, r, partition)
+    return rec
+
+
+def test_a_snapshot_alone_rebuilds_what_the_whole_history_does() -> None:
+    run = busy_portfolio()
+    pf = run.pf.model_copy(update={"seen_commands": ("c-1",), "forgotten": {"old": f.NOW}})
+    history = [decision_record("o-1", pf, tuple(pf.signals), None, [])]
+    parts = list(snapshot_parts("snap", [pf], 4))
+    assert len(parts) >= 2
+
+    from_history, from_snapshot = _fold_all(history), _fold_all(parts)
+
+    assert from_snapshot.portfolios["demo"].signals == from_history.portfolios["demo"].signals
+    back = from_snapshot.portfolios["demo"]
+    assert back == pf
+    assert from_snapshot.snapshots == 1
+    assert from_snapshot.records == 0
+
+
+def test_a_snapshot_clears_outboxes_before_it_and_sets_the_epoch() -> None:
+    run = busy_portfolio()
+    pf = run.pf
+    pending = decision_record("o-1", pf, (), None, [OutRecord("t", None, b"x")], epoch=4)
+    rec = _fold_all([pending, *snapshot_parts("snap", [pf], 4)], partition=1)
+    assert rec.pending == {}
+    assert rec.epochs == {1: 4}
+    fold(rec, decision_record("o-2", pf, (), None, [], epoch=3), 1)  # a deposed owner's
+    assert rec.deposed == 1
+
+
+def test_many_signals_are_cut_into_parts_and_a_missing_part_spoils_the_snapshot() -> None:
+    run = Run(config())
+    for n in range(120):
+        run.signal(f.signal(f"s-{n}"))
+    parts = list(snapshot_parts("snap", [run.pf], None))
+    assert len(parts) > 2
+    assert max(len(p) for p in parts) < 2 * SNAPSHOT_PART_BYTES
+    whole = _fold_all(parts)
+    assert len(whole.portfolios["demo"].signals) == 120
+    gap = _fold_all(parts[:1] + parts[2:])
+    assert gap.snapshots == 0
+    assert "demo" not in gap.portfolios
+
+
+def test_the_scan_finds_the_newest_complete_snapshot_written_by_a_current_owner() -> None:
+    run = busy_portfolio()
+    pf = run.pf
+    old = list(snapshot_parts("old", [pf], 5))
+    new = list(snapshot_parts("new", [pf], 5))
+    zombie = list(snapshot_parts("zombie", [pf], 5))
+    cut = list(snapshot_parts("cut", [pf], 7))[:-1]
+    log = [
+        fence_record(5),
+        decision_record("o-1", pf, (), None, []),
+        *old,
+        decision_record("o-2", pf, (), None, []),
+        *new,
+        fence_record(7),
+        *zombie,  # written by the epoch-5 owner after epoch 7 took over
+        *cut,  # the epoch-7 owner crashed before its last part
+    ]
+    scan = SnapshotScan()
+    for offset, value in enumerate(log):
+        scan.feed(offset, value)
+    assert scan.start == 2 + len(old) + 1

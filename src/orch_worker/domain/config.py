@@ -420,6 +420,12 @@ class WorkerConfig(Section):
         description="open (planned, not terminal) signals at which new signals wait in Kafka "
         "until some finish; memory grows with this, not with the backlog",
     )
+    snapshot_every: int = Field(
+        default=1_000,
+        ge=0,
+        description="decisions of a changelog partition between two snapshots of its state; "
+        "recovery reads from the newest snapshot on (0: never, recovery reads everything)",
+    )
     reports_first_at: int = Field(
         default=500,
         ge=1,

@@ -16,11 +16,19 @@ group generation it was assigned in (its epoch), and stamps every decision it wr
 that epoch. A decision stamped with an epoch older than a fence before it in the partition was
 written by a worker that had lost the partition already (a process frozen or cut off mid-publish
 whose records arrived late): folding skips it, and its outbox is never republished.
+
+Snapshots: every `worker.snapshot_every` decisions of a partition, the owner appends the whole
+state of that partition's portfolios, in parts (`snapshot_parts`), after the done markers of
+the round that made it, so every outbox before it is finished. Recovery then reads only from
+the newest complete snapshot (`SnapshotScan` finds it in the tail of the partition) instead of
+the whole history, and restart time stops growing with the age of the log.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -39,6 +47,119 @@ class OutRecord:
     partition: int | None = None
 
 
+SNAPSHOT_PART_BYTES = 256 * 1024
+"""Signals per snapshot part are cut at about this much JSON (records stay far below the
+broker's message limit, compressed or not)."""
+SNAPSHOT_PREFIX = b'{"type":"snapshot"'
+"""Snapshot parts start so (orjson keeps key order): a scan tells them apart unparsed."""
+
+
+def _header(state: PortfolioState) -> dict[str, Any]:
+    return {
+        "audit_seq": state.audit_seq,
+        "audit_hash": state.audit_hash,
+        "halted": state.halted,
+        "paused_accounts": sorted(state.paused_accounts),
+        "account_health": {
+            a: h.model_dump(mode="json") for a, h in sorted(state.account_health.items())
+        },
+    }
+
+
+def _dump(st: SignalState) -> bytes:
+    return st.model_dump_json().encode()
+
+
+def snapshot_parts(
+    snap_id: str,
+    states: Sequence[PortfolioState],
+    epoch: int | None,
+    dump: Callable[[SignalState], bytes] = _dump,
+) -> Iterator[bytes]:
+    """The records of one snapshot: part 0 holds every portfolio's header, the next parts its
+    signals; the last part says so. A generator, so the caller can yield between parts.
+    `dump` may cache: a finished signal's state never changes between snapshots."""
+    base = {"type": "snapshot", "snap": snap_id, "epoch": epoch}
+    yield orjson.dumps(
+        {
+            **base,
+            "part": 0,
+            "last": not any(st.signals for st in states),
+            "portfolios": [
+                {
+                    "portfolio": st.portfolio,
+                    "header": _header(st),
+                    "seen_commands": list(st.seen_commands),
+                    "forgotten": {sid: at.isoformat() for sid, at in st.forgotten.items()},
+                }
+                for st in states
+            ],
+        }
+    )
+    chunks: list[tuple[str, list[bytes]]] = []
+    for st in states:
+        cut: list[bytes] = []
+        size = 0
+        for sig in st.signals.values():
+            raw = dump(sig)
+            if cut and size + len(raw) > SNAPSHOT_PART_BYTES:
+                chunks.append((st.portfolio, cut))
+                cut, size = [], 0
+            cut.append(raw)
+            size += len(raw)
+        if cut:
+            chunks.append((st.portfolio, cut))
+    for n, (portfolio, cut) in enumerate(chunks, 1):
+        yield orjson.dumps(
+            {
+                **base,
+                "part": n,
+                "last": n == len(chunks),
+                "portfolio": portfolio,
+                "signals": [orjson.Fragment(raw) for raw in cut],
+            }
+        )
+
+
+@dataclass
+class SnapshotScan:
+    """Finds, in a partition's records read in order, where the newest usable snapshot starts.
+
+    Usable: complete (every part up to the last one present) and not written by a deposed
+    owner (its epoch below a fence seen before it). Only snapshot parts and fences are parsed.
+    """
+
+    start: int | None = None
+    """Offset of part 0 of the newest usable snapshot found so far."""
+    _epoch: int | None = None
+    _parts: dict[str, tuple[int, int, int | None]] = field(default_factory=dict)
+    """Snapshot id -> (offset of part 0, parts seen, its epoch)."""
+
+    def feed(self, offset: int, value: bytes) -> None:
+        if value.startswith(b'{"type":"fence"'):
+            epoch = orjson.loads(value).get("epoch")
+            if isinstance(epoch, int) and (self._epoch is None or epoch > self._epoch):
+                self._epoch = epoch
+            return
+        if not value.startswith(SNAPSHOT_PREFIX):
+            return
+        doc = orjson.loads(value)
+        epoch = doc.get("epoch")
+        if isinstance(epoch, int) and self._epoch is not None and epoch < self._epoch:
+            return
+        snap, part = doc["snap"], doc["part"]
+        if part == 0:
+            self._parts[snap] = (offset, 1, epoch)
+        elif snap in self._parts and self._parts[snap][1] == part:
+            first, seen, e = self._parts[snap]
+            self._parts[snap] = (first, seen + 1, e)
+        else:
+            self._parts.pop(snap, None)  # a part missing: this snapshot is unusable
+            return
+        if doc["last"]:
+            self.start = self._parts.pop(snap)[0]
+
+
 def decision_record(
     outbox_id: str,
     state: PortfolioState,
@@ -54,15 +175,7 @@ def decision_record(
             "epoch": epoch,
             "outbox_id": outbox_id,
             "portfolio": state.portfolio,
-            "header": {
-                "audit_seq": state.audit_seq,
-                "audit_hash": state.audit_hash,
-                "halted": state.halted,
-                "paused_accounts": sorted(state.paused_accounts),
-                "account_health": {
-                    a: h.model_dump(mode="json") for a, h in sorted(state.account_health.items())
-                },
-            },
+            "header": _header(state),
             "command_id": command_id,
             "signals": [state.signals[s].model_dump(mode="json") for s in changed],
             "outbox": [
@@ -100,6 +213,10 @@ class Recovered:
     """Partition -> the newest ownership epoch fenced so far."""
     deposed: int = 0
     """Decisions skipped: written by a worker that no longer owned their partition."""
+    snapshots: int = 0
+    """Complete snapshots applied."""
+    _snap: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Snapshot id -> its parts folded so far."""
 
     @property
     def portfolios(self) -> dict[str, PortfolioState]:
@@ -161,6 +278,9 @@ def fold(rec: Recovered, value: bytes, partition: int = 0) -> None:
     if isinstance(epoch, int) and epoch < rec.epochs.get(partition, epoch):
         rec.deposed += 1
         return
+    if doc["type"] == "snapshot":
+        _fold_snapshot(rec, doc, partition)
+        return
     name = doc["portfolio"]
     raw = rec._raw.setdefault(name, {})
     for st in doc["signals"]:
@@ -173,3 +293,41 @@ def fold(rec: Recovered, value: bytes, partition: int = 0) -> None:
         rec.pending[doc["outbox_id"]] = [
             OutRecord(o["topic"], o["key"], o["value"].encode("utf-8")) for o in doc["outbox"]
         ]
+
+
+def _fold_snapshot(rec: Recovered, doc: dict[str, Any], partition: int) -> None:
+    """Collect a snapshot's parts; at its last part, it replaces its portfolios' state."""
+    rec.records -= 1  # a snapshot is state, not a decision
+    epoch = doc.get("epoch")
+    if isinstance(epoch, int) and epoch > rec.epochs.get(partition, epoch - 1):
+        # Read from a snapshot, the fences before it are unseen: its writer's epoch stands in.
+        rec.epochs[partition] = epoch
+    parts = rec._snap.setdefault(doc["snap"], [])
+    if doc["part"] != len(parts):
+        rec._snap.pop(doc["snap"], None)  # a part missing (cut off by a crash): unusable
+        return
+    parts.append(doc)
+    if not doc["last"]:
+        return
+    del rec._snap[doc["snap"]]
+    signals: dict[str, dict[str, Any]] = {}
+    for part in parts[1:]:
+        by_id = signals.setdefault(part["portfolio"], {})
+        for st in part["signals"]:
+            by_id[st["signal"]["signal_id"]] = st
+    for p in parts[0]["portfolios"]:
+        name = p["portfolio"]
+        rec._raw.pop(name, None)
+        rec._header[name] = p["header"]
+        rec._commands.pop(name, None)
+        rec._portfolios[name] = PortfolioState(
+            portfolio=name,
+            seen_commands=tuple(p["seen_commands"]),
+            forgotten={sid: datetime.fromisoformat(at) for sid, at in p["forgotten"].items()},
+        )
+        rec._raw[name] = signals.get(name, {})
+        # Everything before a snapshot was finished: no outbox of these portfolios is pending.
+        for oid in [o for o, pf in rec.pending_portfolio.items() if pf == name]:
+            rec.pending.pop(oid, None)
+            rec.pending_portfolio.pop(oid, None)
+    rec.snapshots += 1

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from orch_worker.adapters.kafka.changelog import OutRecord
+from orch_worker.domain.decider import PortfolioState
 
 
 @dataclass
@@ -28,15 +29,20 @@ class Batch:
     outputs: list[OutRecord] = field(default_factory=list)
     outbox_ids: dict[str, list[str]] = field(default_factory=dict)
     """Finished outboxes per portfolio: the done marker goes to that portfolio's partition."""
+    snapshot_due: set[int] = field(default_factory=set)
+    """Changelog partitions whose state is to be snapshotted once this batch is decided."""
+    snapshots: dict[int, tuple[int | None, list[PortfolioState]]] = field(default_factory=dict)
+    """Partition -> (ownership epoch, its portfolios' states after this batch)."""
 
     def extend(self, other: Batch) -> None:
         self.changelog += other.changelog
         self.outputs += other.outputs
         for portfolio, ids in other.outbox_ids.items():
             self.outbox_ids.setdefault(portfolio, []).extend(ids)
+        self.snapshots.update(other.snapshots)  # a later state of a partition supersedes
 
     def __bool__(self) -> bool:
-        return bool(self.changelog or self.outputs or self.outbox_ids)
+        return bool(self.changelog or self.outputs or self.outbox_ids or self.snapshots)
 
 
 def _retrieve(fut: asyncio.Future[None]) -> None:

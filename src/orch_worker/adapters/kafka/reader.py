@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
@@ -51,8 +51,8 @@ async def partition_count(cfg: KafkaConfig, topic: str) -> int:
         await producer.stop()
 
 
-async def _append_fences(
-    cfg: KafkaConfig, topic: str, partitions: list[int], value: bytes
+async def append_fences(
+    cfg: KafkaConfig, topic: str, partitions: Collection[int], value: bytes
 ) -> dict[int, int]:
     """Append one fence record to each partition; returns each fence's offset."""
     producer = AIOKafkaProducer(**producer_kwargs(cfg))
@@ -103,6 +103,17 @@ async def _behind(
     return out
 
 
+async def _seek(
+    consumer: AIOKafkaConsumer, tps: list[TopicPartition], start: Mapping[int, int]
+) -> None:
+    from_beginning = [tp for tp in tps if tp.partition not in start]
+    if from_beginning:
+        await consumer.seek_to_beginning(*from_beginning)
+    for tp in tps:
+        if tp.partition in start:
+            consumer.seek(tp, start[tp.partition])
+
+
 async def read_to_end(
     cfg: KafkaConfig,
     topic: str,
@@ -112,14 +123,18 @@ async def read_to_end(
     fence: bool = False,
     fence_value: bytes = b'{"type":"fence"}',
     on_fence: Callable[[ConsumerRecord[bytes, bytes]], None] | None = None,
+    ends: Mapping[int, int] | None = None,
+    start: Mapping[int, int] | None = None,
     timeout_s: float = 300.0,
 ) -> int:
     """Feed every record now in `topic` to `on_record` in partition order; returns the count.
 
     With `fence`, a marker (`fence_value`) is appended to each partition first and the read
-    ends past it; otherwise it ends when each partition's position reaches the high watermark
-    of a fetch. Fence records, this read's and earlier ones, go to `on_fence` if given, never
-    to `on_record`. Raises `ReadIncompleteError` if that takes longer than `timeout_s`.
+    ends past it; with `ends` (one past fences appended before, see `append_fences`) it ends
+    there; otherwise it ends when each partition's position reaches the high watermark of a
+    fetch. A partition in `start` is read from that offset, the others from the beginning.
+    Fence records, this read's and earlier ones, go to `on_fence` if given, never to
+    `on_record`. Raises `ReadIncompleteError` if that takes longer than `timeout_s`.
     """
     consumer = AIOKafkaConsumer(**consumer_kwargs(cfg, None))
     await consumer.start()
@@ -129,13 +144,15 @@ async def read_to_end(
         if not wanted:
             return 0
         # The end to reach per partition: one past the fence, or (None) the fetched watermark.
-        ends: dict[int, int | None] = dict.fromkeys(wanted)
-        if fence:
-            appended = await _append_fences(cfg, topic, wanted, fence_value)
-            ends = {p: o + 1 for p, o in appended.items()}
+        until: dict[int, int | None] = dict.fromkeys(wanted)
+        if ends is not None:
+            until = {p: ends[p] for p in wanted}
+        elif fence:
+            appended = await append_fences(cfg, topic, wanted, fence_value)
+            until = {p: o + 1 for p, o in appended.items()}
         tps = [TopicPartition(topic, p) for p in wanted]
         consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
+        await _seek(consumer, tps, start or {})
         started = last_report = time.monotonic()
         while True:
             batch = await consumer.getmany(*tps, timeout_ms=100, max_records=5000)
@@ -146,7 +163,7 @@ async def read_to_end(
                         count += 1
                     elif on_fence is not None:
                         on_fence(rec)
-            behind = await _behind(consumer, tps, ends)
+            behind = await _behind(consumer, tps, until)
             if not behind:
                 return count
             now = time.monotonic()

@@ -30,17 +30,24 @@ from orch_worker.adapters.http import HealthServer
 from orch_worker.adapters.kafka.changelog import (
     OutRecord,
     Recovered,
+    SnapshotScan,
     decision_record,
     done_record,
     fence_record,
     fold,
+    snapshot_parts,
 )
 from orch_worker.adapters.kafka.clients import ensure_topics, faststream_security
 from orch_worker.adapters.kafka.codec import DecodeError, dead_letter, decode, encode
 from orch_worker.adapters.kafka.intake import Intake, IntakeLimits
 from orch_worker.adapters.kafka.lease import Lease, generation_of
 from orch_worker.adapters.kafka.publisher import Batch, LeaseLostError, Publisher
-from orch_worker.adapters.kafka.reader import ReadIncompleteError, partition_count, read_to_end
+from orch_worker.adapters.kafka.reader import (
+    ReadIncompleteError,
+    append_fences,
+    partition_count,
+    read_to_end,
+)
 from orch_worker.adapters.kafka.routing import (
     BROADCAST_HEADER,
     SOURCE_HEADER,
@@ -56,7 +63,7 @@ from orch_worker.adapters.timers import TimerService
 from orch_worker.domain import control_auth, decider
 from orch_worker.domain.book import AccountBook
 from orch_worker.domain.config import OrchConfig
-from orch_worker.domain.coordinator import IntentStatus
+from orch_worker.domain.coordinator import IntentStatus, SignalState
 from orch_worker.domain.decider import Context, Decision, PortfolioState
 from orch_worker.domain.models import (
     AccountState,
@@ -186,6 +193,13 @@ class Worker:
         self._group_generation: int | None = None
         # Partition -> the ownership epoch its decisions are stamped with (see changelog.py).
         self._epochs: dict[int, int | None] = {}
+        # Partition -> decision records written since its last snapshot.
+        self._since_snapshot: dict[int, int] = {}
+        self.recovery_starts: dict[int, int] = {}
+        # Signal id -> (state, its JSON) as last snapshotted: unchanged states are not dumped
+        # again, so a snapshot costs about what changed since the last one.
+        self._dumped: dict[str, tuple[SignalState, bytes]] = {}
+        """Where the last recovery began reading each partition (its newest snapshot)."""
         # Decisions are taken synchronously (never interleaved) and published in that order.
         self.publisher = Publisher(self._publish_decisions, self._may_publish)
         # Held while partitions change hands: aiokafka may hand the decide loop a batch while
@@ -336,6 +350,7 @@ class Worker:
             self.portfolios[name] = new
             for st in gone:
                 sid = st.signal.signal_id
+                self._dumped.pop(sid, None)
                 self.signal_index.pop(sid, None)
                 self._open_signals.discard(sid)
                 for i in st.intents:
@@ -498,6 +513,8 @@ class Worker:
         )
 
     def _reindex(self) -> None:
+        held = {sid for pf in self.portfolios.values() for sid in pf.signals}
+        self._dumped = {sid: d for sid, d in self._dumped.items() if sid in held}
         self.intent_index.clear()
         self.signal_index.clear()
         self._open_signals.clear()
@@ -515,6 +532,11 @@ class Worker:
         """
         rec = Recovered()
         now = self.clock()
+        topic = self.topics.changelog
+        # The fence proves that every decision written before this read is folded in.
+        fences = await append_fences(self.cfg.kafka, topic, partitions, fence_record(epoch))
+        ends = {p: o + 1 for p, o in fences.items()}
+        start = self.recovery_starts = await self._snapshot_starts(ends)
 
         def on_fence(r: ConsumerRecord[bytes, bytes]) -> None:
             fold(rec, r.value, r.partition)
@@ -527,21 +549,26 @@ class Worker:
 
         await read_to_end(
             self.cfg.kafka,
-            self.topics.changelog,
+            topic,
             on_record,
             partitions=partitions,
-            fence=True,  # proves that every decision written before this read is folded in
-            fence_value=fence_record(epoch),
+            ends=ends,
+            start=start,
             on_fence=on_fence,
         )
+        for p in partitions:
+            self._since_snapshot[p] = rec.records  # roughly: snapshot again after as many more
         for name, pf in rec.portfolios.items():
             if portfolio_partition(name, self.n_partitions) in partitions:
                 self.portfolios[name] = pf
         log.info(
-            "recovered %d changelog records of partitions %s: %d portfolios, %d signals, "
-            "%d unfinished outboxes, %d decisions of deposed owners skipped",
+            "recovered %d changelog records of partitions %s (from offsets %s, %d snapshots): "
+            "%d portfolios, %d signals, %d unfinished outboxes, %d decisions of deposed owners "
+            "skipped",
             rec.records,
             sorted(partitions),
+            {p: start.get(p, 0) for p in sorted(partitions)},
+            rec.snapshots,
             len(rec.portfolios),
             sum(len(p.signals) for p in rec.portfolios.values()),
             len(rec.pending),
@@ -549,6 +576,40 @@ class Worker:
         )
         if rec.pending:
             await self._finish_outboxes(rec)
+
+    async def _snapshot_starts(self, ends: Mapping[int, int]) -> dict[int, int]:
+        """Where each partition's newest usable snapshot starts, looked for in a tail of the
+        partition that widens until one is found or the whole partition was looked at."""
+        every = self.cfg.worker.snapshot_every
+        found: dict[int, int] = {}
+        if every <= 0:
+            return found
+        window = every + 500
+        todo = dict(ends)
+        scans: dict[int, SnapshotScan] = {}
+
+        def feed(r: ConsumerRecord[bytes, bytes]) -> None:
+            scans[r.partition].feed(r.offset, r.value)
+
+        while todo:
+            scans.clear()
+            scans.update({p: SnapshotScan() for p in todo})
+            lows = {p: max(0, end - window) for p, end in todo.items()}
+            await read_to_end(
+                self.cfg.kafka,
+                self.topics.changelog,
+                feed,
+                partitions=set(todo),
+                ends=todo,
+                start=lows,
+                on_fence=feed,
+            )
+            for p, scan in scans.items():
+                if scan.start is not None:
+                    found[p] = scan.start
+            todo = {p: e for p, e in todo.items() if p not in found and lows[p] > 0}
+            window *= 4
+        return found
 
     async def _finish_outboxes(self, rec: Recovered) -> None:
         """Republish what a crash left between a decision and its done marker, verbatim."""
@@ -708,6 +769,13 @@ class Worker:
         self.metrics.pending_releases.set(len(self.timers))
 
     def _submit(self, batch: Batch) -> asyncio.Future[None]:
+        for p in batch.snapshot_due:  # the state right after this batch's decisions
+            states = [
+                pf
+                for name, pf in self.portfolios.items()
+                if portfolio_partition(name, self.n_partitions) == p
+            ]
+            batch.snapshots[p] = (self._epochs.get(p), states)
         return self.publisher.submit(batch)
 
     async def drain(self) -> None:
@@ -873,9 +941,14 @@ class Worker:
         outbox += [OutRecord(t.interventions, i.signal_id, encode(i)) for i in d.interventions]
         outbox += [OutRecord(t.audit, e.portfolio, encode(e)) for e in d.audit]
         outbox_id = uuid.uuid4().hex
-        epoch = self._epochs.get(portfolio_partition(d.state.portfolio, self.n_partitions))
+        partition = portfolio_partition(d.state.portfolio, self.n_partitions)
         record = decision_record(
-            outbox_id, d.state, d.changed_signals, command_id, outbox, epoch=epoch
+            outbox_id,
+            d.state,
+            d.changed_signals,
+            command_id,
+            outbox,
+            epoch=self._epochs.get(partition),
         )
         # Memory moves only once everything to publish is built: an error above leaves the
         # state as it was, so the input can be dead-lettered without diverging from Kafka.
@@ -884,6 +957,11 @@ class Worker:
         batch.changelog.append((d.state.portfolio, record))
         batch.outputs += outbox
         batch.outbox_ids.setdefault(d.state.portfolio, []).append(outbox_id)
+        every = self.cfg.worker.snapshot_every
+        written = self._since_snapshot.get(partition, 0) + 1
+        self._since_snapshot[partition] = 0 if every and written >= every else written
+        if every and written >= every:
+            batch.snapshot_due.add(partition)
         for i in d.intents:
             self.metrics.intents.labels(i.kind.value).inc()
         for r in d.results:
@@ -1085,6 +1163,30 @@ class Worker:
             for p, ids in batch.outbox_ids.items()
         ]
         await self._send_all(done, fenced)
+        for partition, (epoch, states) in batch.snapshots.items():
+            await self._snapshot(partition, epoch, states, fenced)
+
+    def _dump_signal(self, st: SignalState) -> bytes:
+        sid = st.signal.signal_id
+        cached = self._dumped.get(sid)
+        if cached is not None and cached[0] is st:
+            return cached[1]
+        raw = st.model_dump_json().encode()
+        self._dumped[sid] = (st, raw)
+        return raw
+
+    async def _snapshot(
+        self, partition: int, epoch: int | None, states: list[PortfolioState], fenced: bool
+    ) -> None:
+        """Append a snapshot after the round's done markers; serialising thousands of signals
+        takes a while, so the loop gets a turn between parts."""
+        futures = []
+        for part in snapshot_parts(uuid.uuid4().hex, states, epoch, self._dump_signal):
+            if fenced and not self.lease.held() and not await self._may_publish():
+                raise LeaseLostError("group lease lost in the middle of a snapshot")
+            futures.append(await self._send(self.topics.changelog, None, part, (), partition))
+            await asyncio.sleep(0)
+        await asyncio.gather(*futures)
 
     async def _send_all(self, records: Sequence[_Send], fenced: bool = False) -> None:
         """Send and wait for every acknowledgement, yielding now and then: a round of thousands
