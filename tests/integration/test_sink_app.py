@@ -8,6 +8,7 @@ committed: it must read only what was published after the first one stopped.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import time
 import uuid
@@ -373,3 +374,16 @@ def test_a_batch_decoded_in_steps_never_skips_a_record_that_failed_to_decode(
     monkeypatch.setattr(sink_app, "decode_record", real)
     assert [r.row[0] for r in batch.decode()] == [e.event_id for e in events]
     assert len(batch.origins) == len(events)
+
+
+def test_running_sinks_raise_the_young_gc_threshold_and_the_last_one_restores_it() -> None:
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        with sink_app._fewer_young_collections():
+            with sink_app._fewer_young_collections():
+                assert gc.get_threshold() == (sink_app.YOUNG_THRESHOLD, 10, 10)
+            assert gc.get_threshold() == (sink_app.YOUNG_THRESHOLD, 10, 10)
+        assert gc.get_threshold() == (700, 10, 10)
+    finally:
+        gc.set_threshold(*before)

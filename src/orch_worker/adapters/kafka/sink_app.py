@@ -38,9 +38,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import threading
 from asyncio import FIRST_COMPLETED
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -81,6 +83,35 @@ RETRY_BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 POLLS_PER_WRITE = 4
 """The most polls (of up to `sink.batch_size` records each) one database transaction takes."""
+
+YOUNG_THRESHOLD = 20_000
+"""Allocations between young garbage collections while a sink runs (CPython's default: 700).
+
+A batch in flight is thousands of live objects (fetched records, their decoded rows), and every
+young collection walks them and every tenth one the older generation too; the decoding garbage
+around them is acyclic and freed by reference counting anyway. With the threshold above what
+one batch allocates, the sink took an eighth to a sixth less CPU per event on either store in
+most runs (measured, two busy cores). The worker does the same (`adapters/heap.py`)."""
+
+_young = threading.Lock()
+_young_raised: list[tuple[int, int, int]] = []
+"""One entry per running sink: the thresholds the first one found, restored by the last."""
+
+
+@contextlib.contextmanager
+def _fewer_young_collections() -> Iterator[None]:
+    """`YOUNG_THRESHOLD` while any sink of this process runs (never lowering a higher one)."""
+    with _young:
+        found = gc.get_threshold()
+        _young_raised.append(_young_raised[0] if _young_raised else found)
+        gc.set_threshold(max(found[0], YOUNG_THRESHOLD), *found[1:])
+    try:
+        yield
+    finally:
+        with _young:
+            before = _young_raised.pop()
+            if not _young_raised:
+                gc.set_threshold(*before)
 
 
 @dataclass(slots=True)
@@ -275,7 +306,8 @@ class AuditSink:
             raise RuntimeError("the audit sink is already running")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-store")
         try:
-            await self._run(stop, ready)
+            with _fewer_young_collections():
+                await self._run(stop, ready)
         finally:
             self._executor.shutdown(wait=True)
             self._executor = None
