@@ -19,7 +19,10 @@ Rows:
   largest transactions, each alone and without Kafka: where the sink's time goes.
 
 Besides events/s, each row shows the process's CPU time per event, which a busy machine (other
-jobs on the same cores) distorts far less than the wall-clock rate.
+jobs on the same cores) distorts far less than the wall-clock rate, and the load average as the
+row was measured. `ORCH_BENCH_SINK_RUNS` (default 1) runs each end-to-end sink that many times,
+each on fresh topics and a fresh database, and reports the median run: on a shared machine a
+single run can be off by a third either way.
 
 PostgreSQL is `ORCH_BENCH_POSTGRES_URL` (default: the local server,
 postgresql://postgres@127.0.0.1:5432/test) in a schema of its own, dropped afterwards; skipped
@@ -36,7 +39,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -63,6 +66,7 @@ ACCOUNTS = 3
 BATCH = 1000
 PG_URL = os.environ.get("ORCH_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TIMEOUT_S = 300.0
+RUNS = max(1, int(os.environ.get("ORCH_BENCH_SINK_RUNS", "1")))
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
 
@@ -301,6 +305,18 @@ class Row:
     per_second: float
     cpu_us: float
     target: float | None = None
+    load: float = field(default_factory=lambda: os.getloadavg()[0])
+    """The one-minute load average when the row was measured."""
+
+
+async def _fresh_audit_topic(env: BenchEnv, events: list[AuditEvent]) -> KafkaConfig:
+    """New topics with the records produced to the audit one: Tansu slows down as batches
+    pile up in a partition, and a run must not find the previous run's."""
+    kafka = env.kafka("sink", partitions=3)
+    topics = Topics(kafka.topic_prefix)
+    await ensure_topics(kafka, topics)
+    await produce(kafka, topics.audit, events)
+    return kafka
 
 
 async def run(env: BenchEnv) -> None:
@@ -314,10 +330,8 @@ async def run(env: BenchEnv) -> None:
     n = len(events)
     size = sum(len(encode(e)) for e in events) / n
     progress(f"{n:,} audit events from a decider run ({size:,.0f} bytes each on average)")
-    kafka = env.kafka("sink", partitions=3)
+    kafka = await _fresh_audit_topic(env, events)
     topics = Topics(kafka.topic_prefix)
-    await ensure_topics(kafka, topics)
-    await produce(kafka, topics.audit, events)
     progress(f"produced to {topics.audit}")
 
     pt, pt_cpu = await pass_through(kafka, topics.audit, n)
@@ -331,32 +345,43 @@ async def run(env: BenchEnv) -> None:
     )
     tmp = Path(tempfile.mkdtemp(prefix="orch-bench-sink-"))
     targets = {"sqlite": 50_000.0, "postgresql": 30_000.0}
-    urls = [("sqlite", f"sqlite:///{tmp / 'sink.db'}", f"sqlite:///{tmp / 'store.db'}")]
+    urls: list[tuple[str, Callable[[int], str], str]] = [
+        ("sqlite", lambda k: f"sqlite:///{tmp / f'sink{k}.db'}", f"sqlite:///{tmp / 'store.db'}")
+    ]
     pg = _pg_schema()
+    schemas: list[str] = []
     if pg is not None:
         schema, _ = pg
-        urls.append(
-            (
-                "postgresql",
-                _with_schema(PG_URL, schema),
-                _with_schema(PG_URL, schema + "_store"),
-            )
-        )
+        schemas.append(schema + "_store")
+
+        def pg_url(k: int) -> str:
+            schemas.append(f"{schema}_{k}")
+            return _with_schema(PG_URL, schemas[-1])
+
+        urls.append(("postgresql", pg_url, _with_schema(PG_URL, schema + "_store")))
     try:
         for name, sink_url, store_url in urls:
-            cfg = OrchConfig.model_validate(
-                {"kafka": kafka, "sink": {"group_id": f"bench-sink-{uuid.uuid4().hex[:8]}"}}
-            )
-            rate, cpu = await sink(cfg, sink_url, n)
-            progress(f"sink → {name}: {rate:,.0f} events/s")
-            rows.append(Row(f"sink → {name} (end to end)", rate, cpu, targets[name]))
+            runs: list[Row] = []
+            for k in range(RUNS):
+                if k:
+                    kafka = await _fresh_audit_topic(env, events)
+                cfg = OrchConfig.model_validate(
+                    {"kafka": kafka, "sink": {"group_id": f"bench-sink-{uuid.uuid4().hex[:8]}"}}
+                )
+                rate, cpu = await sink(cfg, sink_url(k), n)
+                runs.append(Row(f"sink → {name} (end to end)", rate, cpu, targets[name]))
+                progress(
+                    f"sink → {name}: {rate:,.0f} events/s, {cpu:.1f} µs CPU/event "
+                    f"(load {runs[-1].load:.1f}; run {k + 1} of {RUNS})"
+                )
+            rows.append(sorted(runs, key=lambda r: r.per_second)[len(runs) // 2])
             alone, cpu = await asyncio.to_thread(store_only, store_url, events)
             progress(f"store only ({name}): {alone:,.0f} events/s")
             rows.append(Row(f"store only ({name}, no Kafka, no decode)", alone, cpu))
     finally:
         if pg is not None:
-            schema, admin = pg
-            for s in (schema, schema + "_store"):
+            _, admin = pg
+            for s in schemas:
                 admin.execute(f"DROP SCHEMA IF EXISTS {s} CASCADE")
             admin.close()
 
@@ -364,19 +389,20 @@ async def run(env: BenchEnv) -> None:
         ratio = f"{r.per_second / pt:.2f}x" if pt else "n/a"
         target = "" if r.target is None else f"{r.target:,.0f}"
         verdict = "" if r.target is None else ("met" if r.per_second >= r.target else "MISSED")
-        return [r.name, f"{r.per_second:,.0f}", ratio, f"{r.cpu_us:.1f}", target, verdict]
+        cells = [r.name, f"{r.per_second:,.0f}", ratio, f"{r.cpu_us:.1f}", f"{r.load:.1f}"]
+        return [*cells, target, verdict]
 
-    load = os.getloadavg()[0]
     print()
     print(
         table(
-            ["", "events/s", "vs pass-through", "CPU µs/event", "target", ""],
+            ["", "events/s", "vs pass-through", "CPU µs/event", "load", "target", ""],
             [fmt(r) for r in rows],
         )
     )
     print(
-        f"(load average {load:.1f} on {os.cpu_count()} CPUs during the run: events/s falls on "
-        "a busy machine, CPU µs/event much less so)"
+        f"(load: the one-minute load average on {os.cpu_count()} CPUs as each row was measured; "
+        "events/s falls on a busy machine, CPU µs/event much less so"
+        + (f"; sink rows are the median of {RUNS} runs)" if RUNS > 1 else ")")
     )
     print()
     progress(f"sink bench done in {time.monotonic() - started:.1f}s")
