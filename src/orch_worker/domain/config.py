@@ -67,15 +67,16 @@ class KafkaConfig(Section):
     fetch_max_wait_ms: int | None = Field(
         default=None,
         ge=0,
-        description="longest a fetch waits for data; default 500 on kafka, 2 on embedded "
-        "(the embedded broker holds every fetch for the whole wait)",
+        description="longest a fetch waits for data; default 500 on kafka, 20 on embedded "
+        "(the embedded broker holds every fetch for the whole wait, so this is each hop's "
+        "latency; shorter waits make a dozen idle consumers cost the broker a core)",
     )
 
     @property
     def fetch_wait(self) -> int:
         if self.fetch_max_wait_ms is not None:
             return self.fetch_max_wait_ms
-        return 2 if self.profile is KafkaProfile.EMBEDDED else 500
+        return 20 if self.profile is KafkaProfile.EMBEDDED else 500
 
     @property
     def compression_type(self) -> Codec | None:
