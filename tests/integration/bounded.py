@@ -12,11 +12,17 @@ import asyncio
 import contextlib
 import subprocess
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from typing import TypeVar
+
+from orch_worker.adapters.kafka.worker_app import Worker
+from orch_worker.domain.config import OrchConfig
 
 T = TypeVar("T")
 
+START_S = 60.0
+"""How long an in-process worker may take to start (topics, tables, the group join)."""
 STOP_S = 15.0
 """How long a client, the venue or the sink may take to stop."""
 WORKER_STOP_S = 30.0
@@ -66,3 +72,17 @@ def stop_processes(*procs: subprocess.Popen[bytes], timeout_s: float = STOP_S) -
             killed.append(p.pid)
     if killed:
         raise TimeoutError(f"processes {killed} ignored SIGTERM for {timeout_s:g}s: killed")
+
+
+@contextlib.asynccontextmanager
+async def worker_running(
+    cfg: OrchConfig, clock: Callable[[], datetime] | None = None
+) -> AsyncIterator[Worker]:
+    """An in-process worker, ready, whose start and stop are both bounded."""
+    worker = Worker(cfg, http=False, **({"clock": clock} if clock else {}))
+    try:
+        await within(worker.app.start(), START_S, "the worker's start")
+        await worker.wait_ready()
+        yield worker
+    finally:
+        await within(worker.app.stop(), WORKER_STOP_S, "the worker's stop")

@@ -21,10 +21,9 @@ import pytest
 
 from orch_worker.adapters.kafka.topics import Topics
 from orch_worker.adapters.kafka.venue_app import run_venue
-from orch_worker.adapters.kafka.worker_app import Worker
 from orch_worker.domain.config import KafkaConfig, OrchConfig, VenueConfig, WorkerConfig
 from tests import factories as f
-from tests.integration.bounded import STOP_S, WORKER_STOP_S, within
+from tests.integration.bounded import STOP_S, within, worker_running
 from tests.integration.kcat import Kcat, KcatRecord, find_kcat
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -81,17 +80,6 @@ async def venue_running(cfg: OrchConfig) -> AsyncIterator[None]:
     finally:
         stop.set()
         await within(task, STOP_S, "the paper venue's stop")
-
-
-@asynccontextmanager
-async def worker_running(cfg: OrchConfig) -> AsyncIterator[Worker]:
-    worker = Worker(cfg, http=False)  # the real clock: signals are stamped with it too
-    await worker.app.start()
-    try:
-        await worker.wait_ready()
-        yield worker
-    finally:
-        await within(worker.app.stop(), WORKER_STOP_S, "the worker's stop")
 
 
 def finals(records: list[KcatRecord]) -> dict[str, dict[str, Any]]:

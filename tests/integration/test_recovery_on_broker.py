@@ -30,12 +30,11 @@ import pytest
 from orch_worker.adapters.kafka.embedded import free_port
 from orch_worker.adapters.kafka.topics import Topics
 from orch_worker.adapters.kafka.venue_app import run_venue
-from orch_worker.adapters.kafka.worker_app import Worker
 from orch_worker.domain.config import KafkaConfig, OrchConfig
 from orch_worker.domain.models import PriceTick, Signal
 from orch_worker.settings import load_config
 from tests import factories as f
-from tests.integration.bounded import STOP_S, WORKER_STOP_S, stop_processes, within
+from tests.integration.bounded import STOP_S, stop_processes, within, worker_running
 from tests.integration.kafka_io import Collector, publish
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -92,17 +91,6 @@ async def venue_running(cfg: OrchConfig) -> AsyncIterator[None]:
     finally:
         stop.set()
         await within(task, STOP_S, "the paper venue's stop")
-
-
-@asynccontextmanager
-async def worker_running(cfg: OrchConfig, clock: Clock | None = None) -> AsyncIterator[Worker]:
-    worker = Worker(cfg, http=False, **({"clock": clock} if clock else {}))
-    await worker.app.start()
-    try:
-        await worker.wait_ready()
-        yield worker
-    finally:
-        await within(worker.app.stop(), WORKER_STOP_S, "the worker's stop")
 
 
 class System:

@@ -4,31 +4,17 @@ order, and a halt in the middle stops the releases still pending."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
 import pytest
 
 from orch_worker.adapters.kafka.topics import Topics
-from orch_worker.adapters.kafka.worker_app import Worker
-from orch_worker.domain.config import KafkaConfig, OrchConfig
+from orch_worker.domain.config import KafkaConfig
 from tests import factories as f
-from tests.integration.bounded import WORKER_STOP_S, within
+from tests.integration.bounded import worker_running as real_time_worker
 from tests.integration.kafka_io import Collector, publish
 
 pytestmark = pytest.mark.integration
-
-
-@asynccontextmanager
-async def real_time_worker(cfg: OrchConfig) -> AsyncIterator[Worker]:
-    worker = Worker(cfg, http=False)  # the real clock: timers fire for real
-    await worker.app.start()
-    try:
-        await worker.wait_ready()
-        yield worker
-    finally:
-        await within(worker.app.stop(), WORKER_STOP_S, "the worker's stop")
 
 
 def _at(ts: str) -> datetime:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from itertools import pairwise
 
 import pytest
@@ -12,21 +11,14 @@ from orch_worker.adapters.kafka.topics import Topics
 from orch_worker.adapters.kafka.worker_app import Worker
 from orch_worker.domain.config import KafkaConfig, OrchConfig
 from tests import factories as f
-from tests.integration.bounded import WORKER_STOP_S, within
+from tests.integration.bounded import worker_running
 from tests.integration.kafka_io import Collector, publish
 
 pytestmark = pytest.mark.integration
 
 
-@asynccontextmanager
-async def running(cfg: OrchConfig) -> AsyncIterator[Worker]:
-    worker = Worker(cfg, clock=lambda: f.NOW, http=False)
-    await worker.app.start()
-    try:
-        await worker.wait_ready()
-        yield worker
-    finally:
-        await within(worker.app.stop(), WORKER_STOP_S, "the worker's stop")
+def running(cfg: OrchConfig) -> AbstractAsyncContextManager[Worker]:
+    return worker_running(cfg, clock=lambda: f.NOW)
 
 
 async def seed_accounts(cfg: OrchConfig, topics: Topics, **overrides: dict[str, str]) -> None:
