@@ -16,7 +16,12 @@ def config(kafka: KafkaConfig | None = None, n_accounts: int = 3, **portfolio: A
     return OrchConfig.model_validate(
         {
             "kafka": (kafka or KafkaConfig()).model_dump(),
-            "worker": {"http_port": 0, "max_signal_age_s": 3600},
+            # A group per test, like its topics (see tests/integration/test_processes._env).
+            "worker": {
+                "http_port": 0,
+                "max_signal_age_s": 3600,
+                **({"group_id": f"{kafka.topic_prefix}worker"} if kafka else {}),
+            },
             "instruments": {
                 "EURUSD": {
                     "value_per_unit": "100000",

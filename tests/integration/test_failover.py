@@ -59,6 +59,7 @@ def _venue_config(kafka: KafkaConfig) -> OrchConfig:
         {
             "kafka": kafka.model_dump(),
             "venue": {
+                "group_id": f"{kafka.topic_prefix}venue",
                 "seed": 7,
                 "latency_ms_min": 5,
                 "latency_ms_max": 60,

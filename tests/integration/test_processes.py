@@ -67,6 +67,11 @@ def _env(kafka: KafkaConfig) -> dict[str, str]:
         "ORCH_KAFKA_BOOTSTRAP": kafka.bootstrap,
         "ORCH_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
         "ORCH_KAFKA_PROFILE": kafka.profile.value,
+        # Groups of their own per test, like the topics: one shared broker serves the session,
+        # and a member a finished test left behind must not hold up another test's join.
+        "ORCH_WORKER_GROUP_ID": f"{kafka.topic_prefix}worker",
+        "ORCH_VENUE_GROUP_ID": f"{kafka.topic_prefix}venue",
+        "ORCH_SINK_GROUP_ID": f"{kafka.topic_prefix}sink",
     }
 
 
