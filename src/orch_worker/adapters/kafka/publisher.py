@@ -30,19 +30,21 @@ class Batch:
     outbox_ids: dict[str, list[str]] = field(default_factory=dict)
     """Finished outboxes per portfolio: the done marker goes to that portfolio's partition."""
     snapshot_due: set[int] = field(default_factory=set)
-    """Changelog partitions whose state is to be snapshotted once this batch is decided."""
+    """Changelog partitions whose state is to be snapshotted after this batch."""
     snapshots: dict[int, tuple[int | None, list[PortfolioState]]] = field(default_factory=dict)
-    """Partition -> (ownership epoch, its portfolios' states after this batch)."""
+    """Partition -> (ownership epoch, its portfolios' states after every decision of the
+    round): filled when a round is taken (see `Publisher`), never earlier, because every
+    decision record of the round is written before the snapshot."""
 
     def extend(self, other: Batch) -> None:
         self.changelog += other.changelog
         self.outputs += other.outputs
         for portfolio, ids in other.outbox_ids.items():
             self.outbox_ids.setdefault(portfolio, []).extend(ids)
-        self.snapshots.update(other.snapshots)  # a later state of a partition supersedes
+        self.snapshot_due |= other.snapshot_due
 
     def __bool__(self) -> bool:
-        return bool(self.changelog or self.outputs or self.outbox_ids or self.snapshots)
+        return bool(self.changelog or self.outputs or self.outbox_ids or self.snapshot_due)
 
 
 def _retrieve(fut: asyncio.Future[None]) -> None:
@@ -64,9 +66,13 @@ class Publisher:
         self,
         publish: Callable[[Batch], Awaitable[None]],
         may_publish: Callable[[], Awaitable[bool]] = _always,
+        on_take: Callable[[Batch], None] = lambda batch: None,
     ) -> None:
         self._publish = publish
         self._may_publish = may_publish
+        # Called with a round's merged batch as it is taken, before anything awaits: memory
+        # then holds exactly the state after the round's last decision.
+        self._on_take = on_take
         self._queue: list[tuple[Batch, asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
         self.failure: BaseException | None = None
@@ -101,6 +107,7 @@ class Publisher:
             merged = Batch()
             for batch, _ in taken:
                 merged.extend(batch)
+            self._on_take(merged)
             try:
                 if merged:
                     # Waits while the group lease is not held; False: drop everything queued.

@@ -201,7 +201,9 @@ class Worker:
         self._dumped: dict[str, tuple[SignalState, bytes]] = {}
         """Where the last recovery began reading each partition (its newest snapshot)."""
         # Decisions are taken synchronously (never interleaved) and published in that order.
-        self.publisher = Publisher(self._publish_decisions, self._may_publish)
+        self.publisher = Publisher(
+            self._publish_decisions, self._may_publish, on_take=self._capture_snapshots
+        )
         # Held while partitions change hands: aiokafka may hand the decide loop a batch while
         # the rebalance callback is still recovering, and nothing may be decided on a state
         # that recovery is about to replace.
@@ -769,14 +771,19 @@ class Worker:
         self.metrics.pending_releases.set(len(self.timers))
 
     def _submit(self, batch: Batch) -> asyncio.Future[None]:
-        for p in batch.snapshot_due:  # the state right after this batch's decisions
+        return self.publisher.submit(batch)
+
+    def _capture_snapshots(self, batch: Batch) -> None:
+        """A round is taken: snapshot its partitions as memory holds them now, which is the
+        state after its last decision (deciding never awaits between applying and
+        submitting). Immutable states: the references are the snapshot."""
+        for p in batch.snapshot_due:
             states = [
                 pf
                 for name, pf in self.portfolios.items()
                 if portfolio_partition(name, self.n_partitions) == p
             ]
             batch.snapshots[p] = (self._epochs.get(p), states)
-        return self.publisher.submit(batch)
 
     async def drain(self) -> None:
         """Wait until every decision taken so far is published (or its publish failed)."""
