@@ -12,9 +12,11 @@ from datetime import timedelta
 from typing import Any
 
 import orjson
+import pytest
 from faststream.kafka import TestKafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 
+from orch_worker.adapters.kafka import worker_app
 from orch_worker.adapters.kafka.publisher import Batch
 from orch_worker.adapters.kafka.topics import Topics
 from orch_worker.adapters.kafka.worker_app import Worker
@@ -66,9 +68,12 @@ async def test_invalid_signal_is_dead_lettered_in_memory_too() -> None:
     assert t.order_intents not in seen
 
 
-async def test_many_due_timers_are_decided_in_slices_that_let_the_loop_run() -> None:
+async def test_many_due_timers_are_decided_in_slices_that_let_the_loop_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A restart or a stall can bring thousands of timeouts due at once; deciding them in one
     pass would hold the event loop (and the group heartbeat) for seconds."""
+    monkeypatch.setattr(worker_app, "TIMER_CHUNK_S", 0.001)  # slices of a few decisions here
     now = [f.NOW]
     worker, t, seen = _worker()
     worker.clock = lambda: now[0]

@@ -157,7 +157,10 @@ async def test_a_restart_reads_the_changelog_from_the_newest_snapshot(kafka: Kaf
     async with Collector(kafka, t.order_intents) as intents, Collector(kafka, t.changelog) as log:
         async with running(cfg):
             await publish(kafka, t.signals, [("demo", f.signal(f"sig-{n}")) for n in range(6)])
-            await intents.wait_for(lambda v: len(v) == 18)
+            got = await intents.wait_for(lambda v: len(v) == 18)
+            # A snapshot comes after at least twice as many decisions as signals held.
+            acks = [f.report(i["intent_id"], i["account_id"], "accepted", n=1) for i in got]
+            await publish(kafka, t.execution_reports, [(r.account_id, r) for r in acks])
             await log.wait_for(lambda v: any(r["type"] == "snapshot" for r in v))
         async with running(cfg) as worker:
             assert any(offset > 0 for offset in worker.recovery_starts.values())

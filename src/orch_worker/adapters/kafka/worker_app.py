@@ -86,6 +86,10 @@ _Send = tuple[str, str | None, bytes, tuple[tuple[str, str], ...], int | None]
 
 CHUNK_S = 0.003
 """Longest stretch of deciding before the slice is published and timers get a turn."""
+TIMER_CHUNK_S = 0.05
+"""Longest stretch of deciding due timers before the loop gets a turn: long enough that a
+burst of releases is not interleaved with everything else (each yield lets the publisher, the
+clients and the other tasks run), short enough for heartbeats and I/O to stay on time."""
 QUIET_S = 1.0
 """No release due for this long: a full garbage collection may run now."""
 FORGET_EVERY_S = 1.0
@@ -240,6 +244,9 @@ class Worker:
         )
         self._intake_task: asyncio.Task[None] | None = None
         self._taking: asyncio.Task[None] | None = None
+        # Set while no due timers are being decided: releases come before new input.
+        self._timers_idle = asyncio.Event()
+        self._timers_idle.set()
         self.http = (
             HealthServer(
                 self.metrics.registry,
@@ -733,11 +740,8 @@ class Worker:
         # hold releases back. A crash before the ack redelivers the batch, and the decided part
         # dedupes as duplicates.
         while done < len(records):
-            # Nothing is decided while partitions change hands or another worker may own them.
-            while self.rebalancing or not self.lease.held():
-                if self.failed.is_set() or self.stopping:
-                    return
-                await asyncio.sleep(LEASE_POLL_S)
+            if not await self._may_decide():
+                return
             async with self._ownership:  # no await inside: a slice is decided in one go
                 if self.failed.is_set() or self.stopping:
                     return  # nothing more is decided or committed; the restart redelivers
@@ -769,6 +773,18 @@ class Worker:
         self.metrics.handler_latency.labels("decide").observe(time.perf_counter() - started)
         self.metrics.open_signals.set(len(self._open_signals))
         self.metrics.pending_releases.set(len(self.timers))
+
+    async def _may_decide(self) -> bool:
+        """Wait for a turn to decide input; False once nothing more may be decided.
+
+        Due releases go first (their slices alternate with nothing else of ours), and nothing
+        is decided while partitions change hands or another worker may own them."""
+        await self._timers_idle.wait()
+        while self.rebalancing or not self.lease.held():
+            if self.failed.is_set() or self.stopping:
+                return False
+            await asyncio.sleep(LEASE_POLL_S)
+        return True
 
     def _submit(self, batch: Batch) -> asyncio.Future[None]:
         return self.publisher.submit(batch)
@@ -964,10 +980,13 @@ class Worker:
         batch.changelog.append((d.state.portfolio, record))
         batch.outputs += outbox
         batch.outbox_ids.setdefault(d.state.portfolio, []).append(outbox_id)
+        # At least twice as many decisions as signals held between two snapshots: a snapshot
+        # costs a dump of every signal, so its cost per decision stays below half a signal's.
         every = self.cfg.worker.snapshot_every
         written = self._since_snapshot.get(partition, 0) + 1
-        self._since_snapshot[partition] = 0 if every and written >= every else written
-        if every and written >= every:
+        due = every > 0 and written >= max(every, 2 * len(d.state.signals))
+        self._since_snapshot[partition] = 0 if due else written
+        if due:
             batch.snapshot_due.add(partition)
         for i in d.intents:
             self.metrics.intents.labels(i.kind.value).inc()
@@ -1047,6 +1066,14 @@ class Worker:
         generation = self._generation
         # A signal with several due timers (say a release and a timeout) is decided once.
         pending = list(dict.fromkeys(due))
+        self._timers_idle.clear()
+        try:
+            await self._fire_slices(pending, generation)
+        finally:
+            self._timers_idle.set()
+        self._settle(backlog=True)
+
+    async def _fire_slices(self, pending: list[tuple[str, str]], generation: int) -> None:
         done = 0
         while done < len(pending):
             if self.rebalancing or not await self._hold_lease(generation):
@@ -1063,12 +1090,11 @@ class Worker:
                 # One decision per signal keeps every changelog record small, however many
                 # releases fall due at once.
                 self._apply("timer", decider.on_due(pf, [sid], ctx), batch, None)
-                if time.perf_counter() - started > CHUNK_S:
+                if time.perf_counter() - started > TIMER_CHUNK_S:
                     break
             self._submit(batch).add_done_callback(self._published_timers)
             if done < len(pending):
                 await asyncio.sleep(0)
-        self._settle(backlog=True)
 
     async def _hold_lease(self, generation: int) -> bool:
         """Wait until the group lease is held; False if ownership changed or work must stop."""
