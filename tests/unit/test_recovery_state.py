@@ -192,3 +192,14 @@ def test_the_scan_finds_the_newest_complete_snapshot_written_by_a_current_owner(
     for offset, value in enumerate(log):
         scan.feed(offset, value)
     assert scan.start == 2 + len(old) + 1
+
+
+def test_many_forgotten_ids_are_cut_into_parts_below_the_message_limit() -> None:
+    run = busy_portfolio()
+    gone = {f"old-{n:06d}-{'x' * 20}": f.NOW for n in range(30_000)}
+    pf = run.pf.model_copy(update={"forgotten": gone})
+    parts = list(snapshot_parts("snap", [pf], None))
+    assert max(len(p) for p in parts) < 512 * 1024
+    back = _fold_all(parts).portfolios["demo"]
+    assert back.forgotten == gone
+    assert back.signals == pf.signals

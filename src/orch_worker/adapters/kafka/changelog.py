@@ -50,6 +50,8 @@ class OutRecord:
 SNAPSHOT_PART_BYTES = 256 * 1024
 """Signals per snapshot part are cut at about this much JSON (records stay far below the
 broker's message limit, compressed or not)."""
+FORGOTTEN_PER_PART = 4_000
+"""Forgotten signal ids per snapshot part (about 70 bytes each)."""
 SNAPSHOT_PREFIX = b'{"type":"snapshot"'
 """Snapshot parts start so (orjson keeps key order): a scan tells them apart unparsed."""
 
@@ -84,19 +86,24 @@ def snapshot_parts(
         {
             **base,
             "part": 0,
-            "last": not any(st.signals for st in states),
+            "last": not any(st.signals or st.forgotten for st in states),
             "portfolios": [
                 {
                     "portfolio": st.portfolio,
                     "header": _header(st),
                     "seen_commands": list(st.seen_commands),
-                    "forgotten": {sid: at.isoformat() for sid, at in st.forgotten.items()},
                 }
                 for st in states
             ],
         }
     )
+    # Forgotten ids grow with throughput (tens of thousands within max_signal_age_s): they
+    # go in parts of their own, each well below the broker's message limit.
     chunks: list[tuple[str, list[bytes]]] = []
+    for st in states:
+        ids = [orjson.dumps([sid, at.isoformat()]) for sid, at in st.forgotten.items()]
+        for n in range(0, len(ids), FORGOTTEN_PER_PART):
+            chunks.append((st.portfolio, [b"F", *ids[n : n + FORGOTTEN_PER_PART]]))
     for st in states:
         cut: list[bytes] = []
         size = 0
@@ -110,13 +117,15 @@ def snapshot_parts(
         if cut:
             chunks.append((st.portfolio, cut))
     for n, (portfolio, cut) in enumerate(chunks, 1):
+        field = "forgotten" if cut and cut[0] == b"F" else "signals"
+        items = cut[1:] if field == "forgotten" else cut
         yield orjson.dumps(
             {
                 **base,
                 "part": n,
                 "last": n == len(chunks),
                 "portfolio": portfolio,
-                "signals": [orjson.Fragment(raw) for raw in cut],
+                field: [orjson.Fragment(raw) for raw in items],
             }
         )
 
@@ -311,7 +320,13 @@ def _fold_snapshot(rec: Recovered, doc: dict[str, Any], partition: int) -> None:
         return
     del rec._snap[doc["snap"]]
     signals: dict[str, dict[str, Any]] = {}
+    forgotten: dict[str, dict[str, datetime]] = {}
     for part in parts[1:]:
+        if "forgotten" in part:
+            gone = forgotten.setdefault(part["portfolio"], {})
+            for sid, at in part["forgotten"]:
+                gone[sid] = datetime.fromisoformat(at)
+            continue
         by_id = signals.setdefault(part["portfolio"], {})
         for st in part["signals"]:
             by_id[st["signal"]["signal_id"]] = st
@@ -323,7 +338,7 @@ def _fold_snapshot(rec: Recovered, doc: dict[str, Any], partition: int) -> None:
         rec._portfolios[name] = PortfolioState(
             portfolio=name,
             seen_commands=tuple(p["seen_commands"]),
-            forgotten={sid: datetime.fromisoformat(at) for sid, at in p["forgotten"].items()},
+            forgotten=forgotten.get(name, {}),
         )
         rec._raw[name] = signals.get(name, {})
         # Everything before a snapshot was finished: no outbox of these portfolios is pending.
