@@ -36,6 +36,39 @@ def test_the_open_cap_pauses_and_resumes_only_below_the_low_mark() -> None:
     assert reason(False, 95, 0) is None  # not paused: the cap itself is the trigger
 
 
+BEHIND = IntakeLimits(
+    max_open_signals=100,
+    resume_below=90,
+    routed_lag=50,
+    routed_resume=5,
+    behind_s=0.2,
+    behind_resume_s=0.05,
+)
+
+
+def behind(paused: bool, late_s: float, *, open_signals: int = 0, waiting: int = 0) -> str | None:
+    return pause_reason(paused, IntakeState(open_signals, waiting, late_s), BEHIND)
+
+
+def test_late_releases_pause_new_signals_until_the_timers_nearly_caught_up() -> None:
+    assert behind(False, 0.199) is None
+    assert behind(False, 0.2) == "releases_behind"
+    assert behind(True, 0.1) == "releases_behind"
+    assert behind(True, 0.05) == "releases_behind"
+    assert behind(True, 0.049) is None
+
+
+def test_waiting_reports_are_named_before_late_releases_and_late_releases_before_the_cap() -> None:
+    assert behind(False, 1.0, waiting=50) == "reports_waiting"
+    assert behind(False, 1.0, open_signals=100) == "releases_behind"
+    assert behind(True, 0.0, open_signals=95) == "open_signals"
+
+
+def test_without_a_lateness_limit_late_releases_never_pause() -> None:
+    assert reason(False, 0, 0) is None
+    assert pause_reason(False, IntakeState(0, 0, 3600.0), LIMITS) is None
+
+
 class FakeConsumer:
     def __init__(self, n: int, high: dict[int, int], position: dict[int, int]) -> None:
         self.tps = [TopicPartition(t, p) for t in ("signals", "routed") for p in range(n)]

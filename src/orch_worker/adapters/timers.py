@@ -33,6 +33,8 @@ class TimerService(Generic[P]):
         self._counter = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._firing: datetime | None = None
+        """Due time of the oldest timer handed to the callback that has not returned yet."""
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._keys
@@ -53,6 +55,14 @@ class TimerService(Generic[P]):
 
     def next_due(self) -> datetime | None:
         return self._heap[0][0] if self._heap else None
+
+    def behind_s(self, now: datetime) -> float:
+        """How late the oldest due timer not yet decided is (0 when the loop keeps up): the
+        measure of whether this process has the time for its releases."""
+        oldest = self._firing
+        if oldest is None and self._heap and self._heap[0][0] < now:
+            oldest = self._heap[0][0]
+        return max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0
 
     def clear(self) -> None:
         """Forget every pending timer (the owner re-adds what it still needs)."""
@@ -86,6 +96,7 @@ class TimerService(Generic[P]):
                 continue
             now = self._clock()
             due: list[P] = []
+            self._firing = self._heap[0][0]
             while self._heap and self._heap[0][0] <= now:
                 _, _, key, payload = heapq.heappop(self._heap)
                 self._keys.discard(key)
@@ -97,3 +108,8 @@ class TimerService(Generic[P]):
                 # re-adding nothing here: the state still says scheduled, so a restart (or the
                 # next fire for the signal) releases it.
                 log.exception("releasing %d due timers failed", len(due))
+            finally:
+                self._firing = None
+            # A turn for the rest of the loop before the next due batch: under a backlog of
+            # timers, every fire would otherwise follow the last without a yield.
+            await asyncio.sleep(0)

@@ -427,6 +427,12 @@ class WorkerConfig(Section):
         description="decisions of a changelog partition between two snapshots of its state; "
         "recovery reads from the newest snapshot on (0: never, recovery reads everything)",
     )
+    releases_behind_ms: float = Field(
+        default=200.0,
+        gt=0,
+        description="due releases this late at which new signals are paused until the timers "
+        "have caught up (below a quarter of it): scheduled releases come before new plans",
+    )
     reports_first_at: int = Field(
         default=500,
         ge=1,

@@ -51,9 +51,22 @@ NonNegAmount = Annotated[Amount, Field(ge=0)]
 PosAmount = Annotated[Amount, Field(gt=0)]
 
 
+_FORMATTED_MAX = 65_536
+_formatted: dict[datetime, str] = {}
+"""Memo of `format_ts`: a signal's state is serialised again at every decision about it, with
+the same dozens of timestamps each time, and strftime is the costliest step of that. Equal
+instants are equal keys whatever their offset, and all format to the same UTC text."""
+
+
 def format_ts(value: datetime) -> str:
     """RFC 3339 UTC with microseconds, the one timestamp format of the contract."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    text = _formatted.get(value)
+    if text is None:
+        text = value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        if len(_formatted) >= _FORMATTED_MAX:
+            _formatted.clear()  # bounded; refilled from what is in use
+        _formatted[value] = text
+    return text
 
 
 def _to_utc(value: datetime) -> datetime:

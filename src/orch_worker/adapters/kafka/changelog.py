@@ -177,7 +177,10 @@ def decision_record(
     outbox: list[OutRecord],
     *,
     epoch: int | None = None,
+    dump: Callable[[SignalState], bytes] = _dump,
 ) -> bytes:
+    """`dump` may cache: the worker keeps each signal's JSON for its next snapshot, so the
+    state a release writes is serialised once, not once here and again for the snapshot."""
     return orjson.dumps(
         {
             "type": "decision",
@@ -186,7 +189,7 @@ def decision_record(
             "portfolio": state.portfolio,
             "header": _header(state),
             "command_id": command_id,
-            "signals": [state.signals[s].model_dump(mode="json") for s in changed],
+            "signals": [orjson.Fragment(dump(state.signals[s])) for s in changed],
             "outbox": [
                 {"topic": r.topic, "key": r.key, "value": r.value.decode("utf-8")} for r in outbox
             ],

@@ -9,11 +9,16 @@ under a burst of signals if it simply reads what comes:
 * every signal read is planned and held in memory until it finishes, so memory grows with the
   backlog rather than with the work the accounts can actually absorb.
 
+A third thing goes wrong when deciding costs more time than the process has: every new
+signal planned then delays the releases already scheduled, and each late release delays the
+rest. So new signals also wait while the release timers run behind.
+
 So the signals partitions are paused (the consumer keeps polling, heartbeats and reads the
-routed inputs) while routed inputs wait, or while the worker holds `max_open_signals` open
-signals; they are resumed once the reports are read and the open count has fallen below
-`resume_below`. A paused signal stays in Kafka, uncommitted: nothing is lost, and a restart
-reads it again. The choice is a pure function of the counts; `Intake` applies it to aiokafka.
+routed inputs) while routed inputs wait, while the release timers are `behind_s` late, or while
+the worker holds `max_open_signals` open signals; they are resumed once the reports are read,
+the timers have (nearly) caught up and the open count has fallen below `resume_below`. A paused
+signal stays in Kafka, uncommitted: nothing is lost, and a restart reads it again. The choice
+is a pure function of the counts; `Intake` applies it to aiokafka.
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ class IntakeLimits:
     routed_resume: int = 1
     """...and below which they are read again: not zero, or under a steady flow of reports
     every open signal would finish before a new one is read, and the pipeline runs dry."""
+    behind_s: float = float("inf")
+    """How late the oldest due release may be before new signals wait for the timers."""
+    behind_resume_s: float = float("inf")
+    """...and below which they are read again."""
 
 
 @dataclass(frozen=True)
@@ -47,19 +56,26 @@ class IntakeState:
     open_signals: int
     routed_waiting: int
     """Records of the routed-inputs partitions fetched or known to exist but not yet handled."""
+    releases_behind_s: float = 0.0
+    """How late the oldest due timer not yet decided is."""
 
 
 def pause_reason(paused: bool, s: IntakeState, limits: IntakeLimits) -> str | None:
     """Why new signals should wait now, or None to read them.
 
     Reports come first: they close open signals, and every one that waits brings its order
-    closer to an acknowledgement timeout. A pause for open signals holds until the count falls
+    closer to an acknowledgement timeout. Then releases already scheduled: a new signal's plan
+    takes time they are owed. A pause for open signals holds until the count falls
     below `resume_below`; a pause for waiting reports until fewer than `routed_resume` wait.
     """
     if s.routed_waiting >= limits.routed_lag or (
         paused and s.routed_waiting >= limits.routed_resume
     ):
         return "reports_waiting"
+    if s.releases_behind_s >= limits.behind_s or (
+        paused and s.releases_behind_s >= limits.behind_resume_s
+    ):
+        return "releases_behind"
     if s.open_signals >= limits.max_open_signals or (
         paused and s.open_signals >= limits.resume_below
     ):
@@ -112,14 +128,16 @@ class Intake:
             waiting += max(0, high - position)
         return waiting
 
-    async def apply(self, consumer: Any, open_signals: int) -> str | None:
+    async def apply(
+        self, consumer: Any, open_signals: int, releases_behind_s: float = 0.0
+    ) -> str | None:
         """Pause or resume the signals partitions for the present counts; returns the reason."""
         if not _is_consumer(consumer):
             return None  # the in-memory test broker: no partitions to pause
         signals = [tp for tp in consumer.assignment() if tp.topic == self.signals_topic]
         paused_now = set(consumer.paused())
         paused = bool(signals) and all(tp in paused_now for tp in signals)
-        state = IntakeState(open_signals, await self.routed_waiting(consumer))
+        state = IntakeState(open_signals, await self.routed_waiting(consumer), releases_behind_s)
         reason = pause_reason(paused, state, self.limits)
         if reason is not None:
             todo = [tp for tp in signals if tp not in paused_now]
@@ -133,10 +151,11 @@ class Intake:
             if reason is not None:
                 self.pauses += 1
             log.info(
-                "new signals %s (%d open, %d routed inputs waiting)",
+                "new signals %s (%d open, %d routed inputs waiting, releases %.0f ms behind)",
                 f"paused: {reason}" if reason else "read again",
                 state.open_signals,
                 state.routed_waiting,
+                state.releases_behind_s * 1000,
             )
             self.reason = reason
             self.on_change(reason)

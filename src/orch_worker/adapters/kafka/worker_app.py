@@ -86,7 +86,7 @@ _Send = tuple[str, str | None, bytes, tuple[tuple[str, str], ...], int | None]
 
 CHUNK_S = 0.003
 """Longest stretch of deciding before the slice is published and timers get a turn."""
-TIMER_CHUNK_S = 0.05
+TIMER_CHUNK_S = 0.005
 """Longest stretch of deciding due timers before the loop gets a turn: long enough that a
 burst of releases is not interleaved with everything else (each yield lets the publisher, the
 clients and the other tasks run), short enough for heartbeats and I/O to stay on time."""
@@ -239,14 +239,13 @@ class Worker:
                 resume_below=max(1, w.max_open_signals * 9 // 10),
                 routed_lag=w.reports_first_at,
                 routed_resume=max(1, w.reports_first_at // 10),
+                behind_s=w.releases_behind_ms / 1000,
+                behind_resume_s=w.releases_behind_ms / 4000,
             ),
             on_change=self._intake_changed,
         )
         self._intake_task: asyncio.Task[None] | None = None
         self._taking: asyncio.Task[None] | None = None
-        # Set while no due timers are being decided: releases come before new input.
-        self._timers_idle = asyncio.Event()
-        self._timers_idle.set()
         self.http = (
             HealthServer(
                 self.metrics.registry,
@@ -337,7 +336,11 @@ class Worker:
         if self.rebalancing or self.stopping or self.failed.is_set():
             return
         try:
-            await self.intake.apply(self._decide_sub.consumer, len(self._open_signals))
+            await self.intake.apply(
+                self._decide_sub.consumer,
+                len(self._open_signals),
+                self.timers.behind_s(self.clock()),
+            )
         except Exception as exc:  # a partition revoked under our feet: the next look decides
             log.debug("intake not applied: %r", exc)
 
@@ -777,9 +780,11 @@ class Worker:
     async def _may_decide(self) -> bool:
         """Wait for a turn to decide input; False once nothing more may be decided.
 
-        Due releases go first (their slices alternate with nothing else of ours), and nothing
-        is decided while partitions change hands or another worker may own them."""
-        await self._timers_idle.wait()
+        Nothing is decided while partitions change hands or another worker may own them. Due
+        timers get no priority beyond their turn: their slices and input slices alternate on
+        the loop, so a release waits at most one input slice, and reports are never starved
+        by a backlog of releases (a report held back past its order's acknowledgement timeout
+        would turn an answered order into an unknown outcome)."""
         while self.rebalancing or not self.lease.held():
             if self.failed.is_set() or self.stopping:
                 return False
@@ -972,6 +977,7 @@ class Worker:
             command_id,
             outbox,
             epoch=self._epochs.get(partition),
+            dump=self._dump_signal,
         )
         # Memory moves only once everything to publish is built: an error above leaves the
         # state as it was, so the input can be dead-lettered without diverging from Kafka.
@@ -1058,19 +1064,15 @@ class Worker:
     async def _fire(self, due: list[tuple[str, str]]) -> None:
         """Timers fired: decide the due signals now and hand them to the publisher.
 
-        Decided in slices of at most CHUNK_S, like a batch of input: after a restart or a stall
-        thousands of timeouts can fall due together, and one synchronous pass over them would
-        hold the loop (and the group heartbeat) for seconds. A release is late by at most one
-        slice; the timer loop does not wait for the publish.
+        Decided in slices of at most TIMER_CHUNK_S, like a batch of input: after a restart or
+        a stall thousands of timeouts can fall due together, and one synchronous pass over them
+        would hold the loop (and the group heartbeat) for seconds. A release is late by at most
+        one slice; the timer loop does not wait for the publish.
         """
         generation = self._generation
         # A signal with several due timers (say a release and a timeout) is decided once.
         pending = list(dict.fromkeys(due))
-        self._timers_idle.clear()
-        try:
-            await self._fire_slices(pending, generation)
-        finally:
-            self._timers_idle.set()
+        await self._fire_slices(pending, generation)
         self._settle(backlog=True)
 
     async def _fire_slices(self, pending: list[tuple[str, str]], generation: int) -> None:
