@@ -12,17 +12,24 @@ Rows:
   sink's ratios are against this one.
 * sink → SQLite / PostgreSQL: `AuditSink` end to end (decode and validate every event, one
   database transaction per batch of up to `POLLS_PER_WRITE` polls, current-state views, dead
-  letters, commit), timed from partition assignment to the last event written.
+  letters, commit), timed from partition assignment to the last event written. Each sink runs
+  in a process of its own, as `orch-worker sink` does: in this one, which holds every event of
+  the run as a model, the same sink took half again as much CPU per event (measured). With
+  `ORCH_BENCH_SINK_PROCESSES` (default `1,2`) each store gets a row per count of sink
+  processes in one consumer group: scale-out, timed from when every one of them has its
+  partitions (a process that gets none would count as a slow one, so the topic has as many
+  partitions as the bench has portfolios).
 * decode only, store only: the sink's decode of the records into store records (its strict fast
   path, the model for whatever that declines), the same records by way of a validated
   `AuditEvent` for comparison, and `AuditStore.write_records` of decoded records in the sink's
   largest transactions, each alone and without Kafka: where the sink's time goes.
 
-Besides events/s, each row shows the process's CPU time per event, which a busy machine (other
-jobs on the same cores) distorts far less than the wall-clock rate, and the load average as the
-row was measured. `ORCH_BENCH_SINK_RUNS` (default 1) runs each end-to-end sink that many times,
-each on fresh topics and a fresh database, and reports the median run: on a shared machine a
-single run can be off by a third either way.
+Besides events/s, each row shows the CPU time per event of the process (the sink processes,
+for sink rows), which a busy machine (other jobs on the same cores) distorts far less than the
+wall-clock rate, and the load average as the row was measured. Neither counts the broker's or
+PostgreSQL's CPU, which share the same cores. `ORCH_BENCH_SINK_RUNS` (default 1) runs each
+end-to-end sink that many times, each on fresh topics and a fresh database, and reports the
+median run: on a shared machine a single run can be off by a third either way.
 
 PostgreSQL is `ORCH_BENCH_POSTGRES_URL` (default: the local server,
 postgresql://postgres@127.0.0.1:5432/test) in a schema of its own, dropped afterwards; skipped
@@ -34,6 +41,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
+import multiprocessing
 import os
 import tempfile
 import time
@@ -41,6 +50,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from multiprocessing.sharedctypes import SynchronizedArray
+from multiprocessing.synchronize import Event as ProcessEvent
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +78,12 @@ BATCH = 1000
 PG_URL = os.environ.get("ORCH_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TIMEOUT_S = 300.0
 RUNS = max(1, int(os.environ.get("ORCH_BENCH_SINK_RUNS", "1")))
+PROCESSES = tuple(
+    max(1, int(n)) for n in os.environ.get("ORCH_BENCH_SINK_PROCESSES", "1,2").split(",") if n
+)
+PARTITIONS = PORTFOLIOS
+"""One portfolio per partition, so sink processes can share the audit evenly (hashed, the
+bench's six portfolio keys put four on one of three partitions)."""
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
 
@@ -191,10 +208,18 @@ class _Assigned(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is
 
 
 async def produce(cfg: KafkaConfig, topic: str, events: list[AuditEvent]) -> None:
+    """The events keyed by portfolio as the worker does, each portfolio on a partition of its
+    own (`PARTITIONS`)."""
+    partition = {f"p{p}": p % cfg.partitions for p in range(PORTFOLIOS)}
     producer = AIOKafkaProducer(**producer_kwargs(cfg))
     await producer.start()
     try:
-        acks = [await producer.send(topic, encode(e), key=e.portfolio.encode()) for e in events]
+        acks = [
+            await producer.send(
+                topic, encode(e), key=e.portfolio.encode(), partition=partition[e.portfolio]
+            )
+            for e in events
+        ]
         await asyncio.gather(*acks)
     finally:
         await producer.stop()
@@ -226,31 +251,97 @@ async def pass_through(cfg: KafkaConfig, topic: str, n: int) -> tuple[float, flo
     return n / (done - assigned[0]), cpu / n * 1e6
 
 
-async def sink(cfg: OrchConfig, db_url: str, n: int) -> tuple[float, float]:
-    """Events/s of the real sink, from partition assignment to the last event written, and the
-    process's CPU time per event (µs, all threads: a figure a busy machine does not distort)."""
+def _sink_process(
+    cfg: OrchConfig,
+    db_url: str,
+    progress_: SynchronizedArray[float],
+    ready: ProcessEvent,
+    stop: ProcessEvent,
+) -> None:
+    """One sink process (the target of `multiprocessing`): `AuditSink` until `stop` is set.
+
+    `progress_` holds [events written, CPU seconds of this process], updated together every
+    `_TICK_S` once the sink has its partitions (`ready`)."""
+    asyncio.run(_sink_until(cfg, db_url, progress_, ready, stop))
+
+
+_TICK_S = 0.002
+
+
+async def _sink_until(
+    cfg: OrchConfig,
+    db_url: str,
+    progress_: SynchronizedArray[float],
+    ready: ProcessEvent,
+    stop: ProcessEvent,
+) -> None:
     stats = SinkStats()
-    stop, ready = asyncio.Event(), asyncio.Event()
+    stopping, assigned = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(
-        AuditSink(cfg, db_url=db_url, stats=stats).run(stop=stop, ready=ready)
+        AuditSink(cfg, db_url=db_url, stats=stats).run(stop=stopping, ready=assigned)
     )
     try:
-        await asyncio.wait_for(ready.wait(), 60)
-        started, cpu = time.perf_counter(), time.process_time()
-        deadline = time.monotonic() + TIMEOUT_S
-        while stats.events_written < n:
-            if task.done():
-                task.result()
-                raise RuntimeError("the sink stopped early")
+        await asyncio.wait(
+            [task, asyncio.create_task(assigned.wait())], return_when=asyncio.FIRST_COMPLETED
+        )
+        ready.set()
+        while not (stop.is_set() or task.done()):
+            with progress_.get_lock():
+                progress_[0], progress_[1] = stats.events_written, time.process_time()
+            await asyncio.sleep(_TICK_S)
+    finally:
+        stopping.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def sink(cfg: OrchConfig, db_url: str, n: int, processes: int = 1) -> tuple[float, float]:
+    """Events/s of `processes` sink processes in one group, from the moment all of them have
+    their partitions to the last event written, and their CPU time per event (µs, all threads:
+    a figure a busy machine does not distort)."""
+    mp = multiprocessing.get_context("spawn")
+    stop = mp.Event()
+    sinks = [(mp.Array("d", 2), mp.Event()) for _ in range(processes)]
+    procs = [
+        mp.Process(target=_sink_process, args=(cfg, db_url, shared, ready, stop), daemon=True)
+        for shared, ready in sinks
+    ]
+    for proc in procs:
+        proc.start()
+
+    def totals() -> tuple[float, float]:
+        written = cpu = 0.0
+        for shared, _ in sinks:
+            with shared.get_lock():
+                written, cpu = written + shared[0], cpu + shared[1]
+        return written, cpu
+
+    async def until(what: str, done: Callable[[], bool], within_s: float) -> None:
+        deadline = time.monotonic() + within_s
+        while not done():  # the figures are in shared memory: nothing to wait on
+            if any(not proc.is_alive() for proc in procs):
+                raise RuntimeError(f"a sink process stopped early, waiting for {what}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"sink wrote {stats.events_written} of {n} in {TIMEOUT_S}s")
-            await asyncio.sleep(0.002)  # the counter has no event to wait on
+                raise RuntimeError(f"no {what} in {within_s:.0f}s")
+            await asyncio.sleep(_TICK_S)
+
+    try:
+        await until("partition assignment", lambda: all(r.is_set() for _, r in sinks), 60)
+        await asyncio.sleep(2 * _TICK_S)  # every process has published its figures once
+        started = time.perf_counter()
+        written, cpu = totals()
+        await until(f"{n} events written", lambda: totals()[0] >= n, TIMEOUT_S)
         elapsed = time.perf_counter() - started
-        cpu = time.process_time() - cpu
+        timed = n - written
+        cpu = totals()[1] - cpu
     finally:
         stop.set()
-        await asyncio.wait_for(task, 30)
-    return n / elapsed, cpu / n * 1e6
+        for proc in procs:
+            await asyncio.to_thread(proc.join, 30)
+            if proc.is_alive():
+                proc.kill()
+    if timed < n / 2:
+        raise RuntimeError(f"only {timed:.0f} of {n} events were written with every sink running")
+    return timed / elapsed, cpu / timed * 1e6
 
 
 def store_only(db_url: str, events: list[AuditEvent]) -> tuple[float, float]:
@@ -312,7 +403,7 @@ class Row:
 async def _fresh_audit_topic(env: BenchEnv, events: list[AuditEvent]) -> KafkaConfig:
     """New topics with the records produced to the audit one: Tansu slows down as batches
     pile up in a partition, and a run must not find the previous run's."""
-    kafka = env.kafka("sink", partitions=3)
+    kafka = env.kafka("sink", partitions=PARTITIONS)
     topics = Topics(kafka.topic_prefix)
     await ensure_topics(kafka, topics)
     await produce(kafka, topics.audit, events)
@@ -360,21 +451,27 @@ async def run(env: BenchEnv) -> None:
 
         urls.append(("postgresql", pg_url, _with_schema(PG_URL, schema + "_store")))
     try:
+        fresh, serial = False, itertools.count()
         for name, sink_url, store_url in urls:
-            runs: list[Row] = []
-            for k in range(RUNS):
-                if k:
-                    kafka = await _fresh_audit_topic(env, events)
-                cfg = OrchConfig.model_validate(
-                    {"kafka": kafka, "sink": {"group_id": f"bench-sink-{uuid.uuid4().hex[:8]}"}}
+            for processes in PROCESSES:
+                label = f"sink → {name} (end to end" + (
+                    f", {processes} processes)" if processes > 1 else ")"
                 )
-                rate, cpu = await sink(cfg, sink_url(k), n)
-                runs.append(Row(f"sink → {name} (end to end)", rate, cpu, targets[name]))
-                progress(
-                    f"sink → {name}: {rate:,.0f} events/s, {cpu:.1f} µs CPU/event "
-                    f"(load {runs[-1].load:.1f}; run {k + 1} of {RUNS})"
-                )
-            rows.append(sorted(runs, key=lambda r: r.per_second)[len(runs) // 2])
+                runs: list[Row] = []
+                for k in range(RUNS):
+                    if fresh:
+                        kafka = await _fresh_audit_topic(env, events)
+                    fresh = True
+                    cfg = OrchConfig.model_validate(
+                        {"kafka": kafka, "sink": {"group_id": f"bench-sink-{uuid.uuid4().hex[:8]}"}}
+                    )
+                    rate, cpu = await sink(cfg, sink_url(next(serial)), n, processes)
+                    runs.append(Row(label, rate, cpu, targets[name]))
+                    progress(
+                        f"{label}: {rate:,.0f} events/s, {cpu:.1f} µs CPU/event "
+                        f"(load {runs[-1].load:.1f}; run {k + 1} of {RUNS})"
+                    )
+                rows.append(sorted(runs, key=lambda r: r.per_second)[len(runs) // 2])
             alone, cpu = await asyncio.to_thread(store_only, store_url, events)
             progress(f"store only ({name}): {alone:,.0f} events/s")
             rows.append(Row(f"store only ({name}, no Kafka, no decode)", alone, cpu))
