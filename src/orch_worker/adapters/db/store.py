@@ -372,15 +372,14 @@ def current_state(
     `data.intent_status` changes the intent's, with optional `filled_quantity` and `quantity`
     (a later event without them keeps the earlier values).
     """
-    signals: dict[tuple[str, str], SignalState] = {}
+    # Only the last status of a signal counts: its record is kept and made a row once.
+    last_signal: dict[tuple[str, str], EventRecord] = {}
     intents: dict[tuple[str, str], IntentState] = {}
     changes = [r for r in records if r.signal_status is not None or r.intent_status is not None]
     for r in sorted(changes, key=_seq):
         _, portfolio, seq, ts, _, signal_id, intent_id, account_id = r.row[:8]
         if signal_id is not None and r.signal_status is not None:
-            signals[(signal_id, portfolio)] = SignalState(
-                signal_id, portfolio, r.signal_status, seq, ts, r.at
-            )
+            last_signal[(signal_id, portfolio)] = r
         if intent_id is None or r.intent_status is None:
             continue
         state = intents.get((intent_id, portfolio))
@@ -409,7 +408,12 @@ def current_state(
         state.account_id = account_id or state.account_id
         state.filled_quantity = r.filled_quantity or state.filled_quantity
         state.quantity = r.quantity or state.quantity
-    return list(signals.values()), list(intents.values())
+    signals = [
+        SignalState(signal_id, portfolio, r.signal_status, r.row[2], r.row[3], r.at)
+        for (signal_id, portfolio), r in last_signal.items()
+        if r.signal_status is not None  # always: only such records are kept
+    ]
+    return signals, list(intents.values())
 
 
 # ---------------------------------------------------------------------------------------------
