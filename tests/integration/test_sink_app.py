@@ -387,21 +387,3 @@ def test_running_sinks_raise_the_young_gc_threshold_and_the_last_one_restores_it
         assert gc.get_threshold() == (700, 10, 10)
     finally:
         gc.set_threshold(*before)
-
-
-@pytest.mark.parametrize("max_message_bytes", [1_048_576, 64 * 1_048_576])
-def test_the_sink_fetches_whole_transactions_of_a_partition_but_never_less_than_a_record(
-    max_message_bytes: int,
-) -> None:
-    cfg = OrchConfig(kafka=KafkaConfig(max_message_bytes=max_message_bytes))
-    shared = consumer_kwargs(cfg.kafka, cfg.sink.group_id)
-    kw = sink_app._consumer_kwargs(cfg)
-    assert kw["group_id"] == cfg.sink.group_id
-    assert kw["max_partition_fetch_bytes"] == max(
-        sink_app.FETCH_PARTITION_BYTES, shared["max_partition_fetch_bytes"]
-    )
-    assert kw["fetch_max_bytes"] >= kw["max_partition_fetch_bytes"]
-    assert kw["fetch_max_bytes"] >= shared["fetch_max_bytes"]
-    assert {k: v for k, v in kw.items() if "fetch" not in k} == {
-        k: v for k, v in shared.items() if "fetch" not in k
-    }

@@ -474,8 +474,8 @@ class _SqlStore(ABC):
     """Whether the sink may decode its next batch beside the whole of a write. PostgreSQL:
     a write is mostly waiting on the server (COPY, the upserts, COMMIT), without the GIL, so
     decoding then costs the write little and takes the decoding out of the sink's critical
-    path (measured on two busy cores: about 36,000 events/s end to end rather than 20,000).
-    SQLite: no, for the reason under `committing`."""
+    path (measured, runs taking turns on two cores at load 2: 33,000-40,000 events/s end to end
+    rather than 23,000-26,000). SQLite: no, for the reason under `committing`."""
 
     _holds_nul: ClassVar[bool] = True
     """Whether text columns can hold NUL; if not, `record_problem` looks for it."""

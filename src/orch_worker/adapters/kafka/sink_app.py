@@ -29,10 +29,8 @@ what it has fetched for the next batch. A PostgreSQL write waits on the server n
 throughout (`AuditStore.decodes_beside_writes`), so the loop decodes each poll as it comes;
 a SQLite write only while it commits (WAL frames, fsync, checkpoints; `AuditStore.committing`
 says when), since decoding beside its inserts would stall them: the sqlite3 module lets go of
-the GIL around every row (measured: a sixth slower). A consumer fetches up to
-`FETCH_PARTITION_BYTES` of one partition per request, so a partition that carries most of the
-traffic fills a transaction in one or two round trips to the broker. Records go to the store as rows
-built straight from their JSON (`rows.record_from_json`), with the `AuditEvent` model
+the GIL around every row (measured: a sixth slower). Records go to the store as rows built
+straight from their JSON (`rows.record_from_json`), with the `AuditEvent` model
 validating only what that strict fast path does not accept; the store's own check of what it
 cannot hold runs only when a write refuses an event.
 """
@@ -86,19 +84,6 @@ RETRY_BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 POLLS_PER_WRITE = 4
 """The most polls (of up to `sink.batch_size` records each) one database transaction takes."""
-
-FETCH_PARTITION_BYTES = 8 * 1_048_576
-"""The most one fetch request brings of one partition (aiokafka's default: 1 MiB).
-
-aiokafka fetches a partition again only once the records it holds of it are consumed, so with
-1 MiB a busy partition yields about a thousand audit events per round trip, and a sink
-falling behind waits on the broker between every poll: a quarter or more of its time when one
-partition carries most of the audit (measured: about 43,000 events/s into SQLite instead of
-28,000, and less CPU per event). 8 MiB is a full transaction of `POLLS_PER_WRITE` polls of
-typical events, and bounds what a sink holds in memory per partition."""
-
-FETCH_BYTES = 4 * FETCH_PARTITION_BYTES
-"""The most one fetch request brings over all of a sink's partitions."""
 
 YOUNG_THRESHOLD = 20_000
 """Allocations between young garbage collections while a sink runs (CPython's default: 700).
@@ -280,15 +265,6 @@ def _store_batch(store: AuditStore, batch: _Batch) -> WriteResult:
         return store.write_records(batch.set_aside_unstorable(store))
 
 
-def _consumer_kwargs(cfg: OrchConfig) -> dict[str, Any]:
-    """The group's consumer settings, with fetches sized for the sink (`FETCH_PARTITION_BYTES`),
-    never below what a record of `kafka.max_message_bytes` needs."""
-    kw = consumer_kwargs(cfg.kafka, cfg.sink.group_id)
-    kw["max_partition_fetch_bytes"] = max(kw["max_partition_fetch_bytes"], FETCH_PARTITION_BYTES)
-    kw["fetch_max_bytes"] = max(kw["fetch_max_bytes"], FETCH_BYTES)
-    return kw
-
-
 def _names(tps: set[TopicPartition]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps))
 
@@ -349,7 +325,7 @@ class AuditSink:
         try:
             await ensure_topics(self._cfg.kafka, self._topics)
             producer = AIOKafkaProducer(**producer_kwargs(self._cfg.kafka))
-            consumer = AIOKafkaConsumer(**_consumer_kwargs(self._cfg))
+            consumer = AIOKafkaConsumer(**consumer_kwargs(self._cfg.kafka, self._cfg.sink.group_id))
             self._io = _Wiring(consumer, producer, store, stop)
             consumer.subscribe(
                 [self._topics.audit], listener=_ReadyOnAssignment(ready, self._drain)
