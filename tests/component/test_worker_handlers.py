@@ -42,7 +42,8 @@ def _worker() -> tuple[Worker, Topics, dict[str, list[dict[str, Any]]]]:
     worker.n_partitions, worker.owned = 1, {0}  # what the group would assign a lone worker
     t = Topics(cfg.kafka.topic_prefix)
     seen: dict[str, list[dict[str, Any]]] = {}
-    for topic in (t.order_intents, t.execution_results, t.audit, t.dead_letter, t.changelog):
+    topics = (t.order_intents, t.execution_results, t.audit, t.dead_letter, t.changelog)
+    for topic in (*topics, t.interventions):
         worker.broker.subscriber(topic)(_capture(seen, topic))
 
     return worker, t, seen
@@ -108,3 +109,74 @@ async def test_many_due_timers_are_decided_in_slices_that_let_the_loop_run(
     assert ticks >= 2, "the loop ran between slices"
     assert worker.metrics.outcomes.labels("timer", "timers")._value.get() == n
     assert not worker.failed.is_set()
+
+
+async def test_input_waits_for_due_releases_only_while_they_keep_up() -> None:
+    """Releases first, but a backlog past RELEASES_FIRST_S must not starve reports: then input
+    and releases take turns."""
+    worker, _, _ = _worker()
+    worker._timers_idle.clear()  # timers are being decided
+    worker.timers.add(f.NOW - timedelta(milliseconds=10), "recent", ("demo", "recent"))
+    waiting = asyncio.create_task(worker._may_decide())
+    await asyncio.sleep(0.02)
+    assert not waiting.done(), "input went ahead of releases that keep up"
+    worker._timers_idle.set()
+    assert await asyncio.wait_for(waiting, 1) is True
+
+    worker._timers_idle.clear()
+    worker.timers.clear()
+    late = f.NOW - timedelta(seconds=worker_app.RELEASES_FIRST_S * 2)
+    worker.timers.add(late, "late", ("demo", "late"))
+    assert await asyncio.wait_for(worker._may_decide(), 0.01) is True
+
+
+async def test_input_waits_no_longer_than_until_the_releases_fall_behind() -> None:
+    """The timers never finish here: input goes ahead once the due release is that late."""
+    worker, _, _ = _worker()
+    worker._timers_idle.clear()
+    worker.timers.add(f.NOW, "due", ("demo", "due"))
+    waiting = asyncio.create_task(worker._may_decide())
+    await asyncio.sleep(worker_app.RELEASES_FIRST_S / 5)
+    assert not waiting.done()
+    assert await asyncio.wait_for(waiting, worker_app.RELEASES_FIRST_S * 2) is True
+    assert not worker._timers_idle.is_set()
+
+
+async def test_no_order_times_out_while_reports_wait_unread() -> None:
+    """The venue's answer may be among the waiting reports: silence is only known for time the
+    worker was caught up, so a timeout waits a full window after it catches up again."""
+    now = [f.NOW]
+    worker, t, seen = _worker()
+    worker.clock = lambda: now[0]
+    worker._listening.since = {0: f.NOW}  # gained the partition at NOW
+    async with TestKafkaBroker(worker.broker):
+        batch = Batch()
+        pf = worker._portfolio("demo")
+        d = decider.on_signal(pf, f.signal("s1"), worker._context(now[0]))
+        worker._apply("signal", d, batch, None)
+        await worker._submit(batch)
+        assert len(seen[t.order_intents]) == 3  # released, never acknowledged
+        window = timedelta(seconds=worker.cfg.portfolios["demo"].execution.ack_timeout_s)
+
+        worker._intake_changed("reports_waiting")
+        now[0] = f.NOW + window + timedelta(seconds=1)
+        worker.timers.clear()  # as the timer service pops what it fires
+        await worker._fire([("demo", "s1")])
+        await worker.drain()
+        assert t.interventions not in seen, "timed out while its answer might wait unread"
+        assert worker.timers.next_due() == now[0] + window  # re-armed a window from now
+
+        worker._intake_changed(None)  # caught up
+        caught_up = now[0]
+        now[0] = caught_up + window - timedelta(seconds=1)
+        worker.timers.clear()  # as the timer service pops what it fires
+        await worker._fire([("demo", "s1")])
+        await worker.drain()
+        assert t.interventions not in seen
+        now[0] = caught_up + window + timedelta(seconds=1)
+        worker.timers.clear()  # as the timer service pops what it fires
+        await worker._fire([("demo", "s1")])
+        await worker.drain()
+    reasons = {i["reason_code"] for i in seen[t.interventions]}
+    assert reasons == {"unknown_outcome"}
+    assert len(seen[t.interventions]) == 3

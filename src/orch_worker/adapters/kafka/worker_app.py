@@ -94,8 +94,11 @@ QUIET_S = 1.0
 """No release due for this long: a full garbage collection may run now."""
 FORGET_EVERY_S = 1.0
 """How often finished signals are looked for, to let them go from memory."""
-SEND_SLICE = 100
-"""Records handed to the producer between two yields to the event loop."""
+SEND_SLICE_S = 0.002
+"""Longest stretch of handing records to the producer before the loop gets a turn (a due
+release waits behind it)."""
+RELEASES_FIRST_S = 0.05
+"""Due releases go before input until the oldest is this late; then they take turns."""
 RECOVERY_FORGET_EVERY = 5_000
 """Changelog records folded between two looks for finished signals during recovery."""
 INTAKE_EVERY_S = 0.25
@@ -150,16 +153,34 @@ class _Assigned(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class _ListeningSince(Mapping[str, datetime]):
-    """Portfolio -> when this worker gained its partition, i.e. began reading its reports."""
+    """Portfolio -> since when this worker has been reading its reports as they come.
+
+    That is when it gained the partition, or, later, when it last caught up after reports
+    waited unread in numbers (`behind`, the intake's `reports_waiting`): an order's timeout
+    runs only over time its answer could not have been waiting unread (see
+    `execution.effective_deadline`). While behind, it is always "now", so nothing times out.
+    """
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.since: dict[int, datetime] = {}
+        self.behind = False
+        self.caught_up: datetime | None = None
 
     def __getitem__(self, portfolio: str) -> datetime:
         if not self.since:
             raise KeyError(portfolio)
-        return self.since[portfolio_partition(portfolio, self.worker.n_partitions)]
+        began = self.since[portfolio_partition(portfolio, self.worker.n_partitions)]
+        if self.behind:
+            return max(began, self.worker.clock())
+        if self.caught_up is not None and self.caught_up > began:
+            return self.caught_up
+        return began
+
+    def reports_waiting(self, waiting: bool) -> None:
+        if self.behind and not waiting:
+            self.caught_up = self.worker.clock()
+        self.behind = waiting
 
     def __iter__(self) -> Iterator[str]:
         return iter(p for p in self.worker.portfolios if p in self)
@@ -231,6 +252,9 @@ class Worker:
         # Changes on every ownership change: a slice of due timers taken before it is stale.
         self._generation = 0
         w = cfg.worker
+        # Set while no due timers are being decided (see `_may_decide`).
+        self._timers_idle = asyncio.Event()
+        self._timers_idle.set()
         self.intake = Intake(
             self.topics.signals,
             self.topics.portfolio_inputs,
@@ -345,6 +369,7 @@ class Worker:
             log.debug("intake not applied: %r", exc)
 
     def _intake_changed(self, reason: str | None) -> None:
+        self._listening.reports_waiting(reason == "reports_waiting")
         self.metrics.signals_paused.set(0 if reason is None else 1)
         if reason is not None:
             self.metrics.signal_pauses.labels(reason).inc()
@@ -780,11 +805,18 @@ class Worker:
     async def _may_decide(self) -> bool:
         """Wait for a turn to decide input; False once nothing more may be decided.
 
-        Nothing is decided while partitions change hands or another worker may own them. Due
-        timers get no priority beyond their turn: their slices and input slices alternate on
-        the loop, so a release waits at most one input slice, and reports are never starved
-        by a backlog of releases (a report held back past its order's acknowledgement timeout
-        would turn an answered order into an unknown outcome)."""
+        Nothing is decided while partitions change hands or another worker may own them.
+        Due releases go first while they keep up: input waits for the timers being decided,
+        unless the oldest of them is already RELEASES_FIRST_S late. Past that the process is
+        overloaded and the two take turns, slice by slice, so reports are never starved by a
+        backlog of releases (a report held back past its order's acknowledgement timeout would
+        turn an answered order into an unknown outcome); the intake then holds new signals
+        back until the timers catch up."""
+        if not self._timers_idle.is_set():
+            wait_s = RELEASES_FIRST_S - self.timers.behind_s(self.clock())
+            if wait_s > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._timers_idle.wait(), wait_s)
         while self.rebalancing or not self.lease.held():
             if self.failed.is_set() or self.stopping:
                 return False
@@ -1029,6 +1061,18 @@ class Worker:
             if wake is not None:
                 self.timers.add(wake, (sid, wake), (pf.portfolio, sid))
 
+    def _rearm(self, portfolio: str, sid: str) -> None:
+        """Set the signal's next alarm even when its timer fired for nothing: a deadline moved
+        on since it was set (reports waited unread meanwhile) leaves the state unchanged, and
+        an unchanged state is not indexed again."""
+        pf = self.portfolios.get(portfolio)
+        st = pf.signals.get(sid) if pf is not None else None
+        if st is None:
+            return
+        wake = decider.next_wake(st, self.cfg, self._listening.get(portfolio))
+        if wake is not None:
+            self.timers.add(wake, (sid, wake), (portfolio, sid))
+
     def _rated(self, broker: str) -> bool:
         found = self.cfg.brokers.get(broker)
         return found is not None and found.max_orders_per_s is not None
@@ -1072,7 +1116,11 @@ class Worker:
         generation = self._generation
         # A signal with several due timers (say a release and a timeout) is decided once.
         pending = list(dict.fromkeys(due))
-        await self._fire_slices(pending, generation)
+        self._timers_idle.clear()
+        try:
+            await self._fire_slices(pending, generation)
+        finally:
+            self._timers_idle.set()
         self._settle(backlog=True)
 
     async def _fire_slices(self, pending: list[tuple[str, str]], generation: int) -> None:
@@ -1092,6 +1140,7 @@ class Worker:
                 # One decision per signal keeps every changelog record small, however many
                 # releases fall due at once.
                 self._apply("timer", decider.on_due(pf, [sid], ctx), batch, None)
+                self._rearm(portfolio, sid)
                 if time.perf_counter() - started > TIMER_CHUNK_S:
                     break
             self._submit(batch).add_done_callback(self._published_timers)
@@ -1233,12 +1282,14 @@ class Worker:
         the changelog, which the owner completes (see `_finish_outboxes`).
         """
         futures = []
-        for n, (topic, key, value, headers, partition) in enumerate(records, 1):
+        started = time.perf_counter()
+        for topic, key, value, headers, partition in records:
             if fenced and not self.lease.held() and not await self._may_publish():
                 raise LeaseLostError("group lease lost in the middle of a publish round")
             futures.append(await self._send(topic, key, value, headers, partition))
-            if n % SEND_SLICE == 0:
+            if time.perf_counter() - started > SEND_SLICE_S:
                 await asyncio.sleep(0)
+                started = time.perf_counter()
         if futures:
             await asyncio.gather(*futures)
 
