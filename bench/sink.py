@@ -14,8 +14,8 @@ Rows:
   database transaction per batch of up to `POLLS_PER_WRITE` polls, current-state views, dead
   letters, commit), timed from partition assignment to the last event written. Each sink runs
   in a process of its own, as `orch-worker sink` does: in this one, which holds every event of
-  the run as a model, the same sink took half again as much CPU per event (measured). With
-  `ORCH_BENCH_SINK_PROCESSES` (default `1,2`) each store gets a row per count of sink
+  the run as a model, the same sink took about a fifth more CPU per event (alternating runs).
+  With `ORCH_BENCH_SINK_PROCESSES` (default `1,2`) each store gets a row per count of sink
   processes in one consumer group: scale-out, timed from when every one of them has its
   partitions (a process that gets none would count as a slow one, so the topic has as many
   partitions as the bench has portfolios).
