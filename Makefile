@@ -68,7 +68,7 @@ chaos-long: $(STAMP)
 # end with its growth per 10,000 signals, and exits non-zero if a signal is lost or an intent
 # duplicated. `python -m bench.backpressure --quick` is a 3,000-signal smoke run.
 backpressure: $(STAMP)
-	$(PY) -m bench.backpressure --signals 50000 --timeout 900
+	$(PY) -m bench.backpressure --signals 50000 --timeout 1500
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -20,12 +20,14 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
 from orch_worker.adapters.kafka.embedded import EmbeddedBroker
 from orch_worker.domain.config import KafkaConfig, KafkaProfile
+from orch_worker.domain.models import AccountState
 
 BOOTSTRAP_ENV = "ORCH_BENCH_KAFKA_BOOTSTRAP"
 """host:port of a running Kafka to measure instead of starting the embedded broker."""
@@ -57,6 +59,29 @@ class BenchEnv:
             profile=self.profile,
             partitions=partitions,
         )
+
+
+def paper_account(account_id: str, portfolio: str, at: datetime) -> AccountState:
+    """A flat paper account with a million of margin: no rule of the planner binds on it, so
+    the benchmarks measure the machinery, not exclusions."""
+    money = "1000000"
+    return AccountState.model_validate(
+        {
+            "account_id": account_id,
+            "portfolio": portfolio,
+            "broker": "paper",
+            "status": "active",
+            "currency": "USD",
+            "balance": money,
+            "equity": money,
+            "margin_used": "0",
+            "margin_available": money,
+            "day_start_equity": money,
+            "peak_equity": money,
+            "positions": [],
+            "updated_at": at,
+        }
+    )
 
 
 @contextmanager

@@ -29,12 +29,11 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 
-from bench import BenchEnv, Latency, progress, table
+from bench import BenchEnv, Latency, paper_account, progress, table
 from orch_worker.adapters.kafka.clients import consumer_kwargs, ensure_topics, producer_kwargs
 from orch_worker.adapters.kafka.topics import Topics
 from orch_worker.adapters.kafka.worker_app import Worker
 from orch_worker.domain.config import KafkaConfig, OrchConfig
-from orch_worker.domain.models import AccountState
 
 TITLE = "signal → order intent latency and throughput vs a bare aiokafka pass-through"
 
@@ -314,27 +313,6 @@ def worker_config(cfg: KafkaConfig, run_id: str) -> OrchConfig:
     )
 
 
-def account_state(account_id: str, at: datetime) -> AccountState:
-    money = "1000000"
-    return AccountState.model_validate(
-        {
-            "account_id": account_id,
-            "portfolio": PORTFOLIO,
-            "broker": "paper",
-            "status": "active",
-            "currency": "USD",
-            "balance": money,
-            "equity": money,
-            "margin_used": "0",
-            "margin_available": money,
-            "day_start_equity": money,
-            "peak_equity": money,
-            "positions": [],
-            "updated_at": at,
-        }
-    )
-
-
 async def bench_worker(env: BenchEnv) -> Result:
     kafka = env.kafka("worker")
     cfg = worker_config(kafka, env.run_id)
@@ -348,7 +326,7 @@ async def bench_worker(env: BenchEnv) -> Result:
         now = datetime.now(UTC)
         # The worker loads the account table at start, so the states must be there first.
         for account_id in cfg.accounts:
-            state = account_state(account_id, now)
+            state = paper_account(account_id, PORTFOLIO, now)
             await producer.send_and_wait(
                 topics.account_state, state.model_dump_json().encode(), key=account_id.encode()
             )

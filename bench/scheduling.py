@@ -60,13 +60,13 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from bench import BenchEnv, Latency, progress, table
+from bench import BenchEnv, Latency, paper_account, progress, table
 from orch_worker.adapters.kafka.clients import consumer_kwargs, ensure_topics, producer_kwargs
 from orch_worker.adapters.kafka.topics import Topics
 from orch_worker.adapters.kafka.worker_app import Worker
 from orch_worker.domain.config import KafkaConfig, OrchConfig
 from orch_worker.domain.coordinator import IntentStatus
-from orch_worker.domain.models import AccountState, Signal
+from orch_worker.domain.models import Signal
 from orch_worker.domain.scheduling import schedule
 
 TITLE = "release-timer accuracy with thousands pending vs a bare asyncio sleep-then-produce"
@@ -134,27 +134,6 @@ def worker_config(cfg: KafkaConfig, run_id: str, window: Window = WINDOWS[0]) ->
             },
             "accounts": {f"SCHED-{i}": {"portfolio": PORTFOLIO} for i in range(1, ACCOUNTS + 1)},
             # No `brokers` section: the paper broker has no rate budget.
-        }
-    )
-
-
-def account_state(account_id: str, at: datetime) -> AccountState:
-    money = "1000000"
-    return AccountState.model_validate(
-        {
-            "account_id": account_id,
-            "portfolio": PORTFOLIO,
-            "broker": "paper",
-            "status": "active",
-            "currency": "USD",
-            "balance": money,
-            "equity": money,
-            "margin_used": "0",
-            "margin_available": money,
-            "day_start_equity": money,
-            "peak_equity": money,
-            "positions": [],
-            "updated_at": at,
         }
     )
 
@@ -400,7 +379,7 @@ async def bench_worker(env: BenchEnv, window: Window) -> Phase:
         acks = [
             await producer.send(
                 topics.account_state,
-                account_state(a, now).model_dump_json().encode(),
+                paper_account(a, PORTFOLIO, now).model_dump_json().encode(),
                 key=a.encode(),
             )
             for a in cfg.accounts
