@@ -44,6 +44,7 @@ import gc
 import itertools
 import multiprocessing
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -476,6 +477,7 @@ async def run(env: BenchEnv) -> None:
             progress(f"store only ({name}): {alone:,.0f} events/s")
             rows.append(Row(f"store only ({name}, no Kafka, no decode)", alone, cpu))
     finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a few hundred MB of SQLite files per run
         if pg is not None:
             _, admin = pg
             for s in schemas:
