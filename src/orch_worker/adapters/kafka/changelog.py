@@ -97,37 +97,55 @@ def snapshot_parts(
             ],
         }
     )
-    # Forgotten ids grow with throughput (tens of thousands within max_signal_age_s): they
-    # go in parts of their own, each well below the broker's message limit.
-    chunks: list[tuple[str, list[bytes]]] = []
+    # Parts are built one ahead of the one yielded (to know which is last), never all at once:
+    # the caller yields to the loop between parts, and dumping thousands of signals in one go
+    # would hold the loop for as long as they take.
+    chunks = _chunks(states, dump)
+    current = next(chunks, None)
+    n = 0
+    while current is not None:
+        following = next(chunks, None)
+        n += 1
+        portfolio, field, items = current
+        yield orjson.dumps(
+            {
+                **base,
+                "part": n,
+                "last": following is None,
+                "portfolio": portfolio,
+                field: [orjson.Fragment(raw) for raw in items],
+            }
+        )
+        current = following
+
+
+def _chunks(
+    states: Sequence[PortfolioState], dump: Callable[[SignalState], bytes]
+) -> Iterator[tuple[str, str, list[bytes]]]:
+    """(portfolio, field, items) of every part after part 0, in order, built as they are asked
+    for. Forgotten ids grow with throughput (tens of thousands within max_signal_age_s): they
+    go in parts of their own, each well below the broker's message limit."""
     for st in states:
-        ids = [orjson.dumps([sid, at.isoformat()]) for sid, at in st.forgotten.items()]
-        for n in range(0, len(ids), FORGOTTEN_PER_PART):
-            chunks.append((st.portfolio, [b"F", *ids[n : n + FORGOTTEN_PER_PART]]))
+        ids: list[bytes] = []
+        for sid, at in st.forgotten.items():
+            ids.append(orjson.dumps([sid, at.isoformat()]))
+            if len(ids) == FORGOTTEN_PER_PART:
+                yield st.portfolio, "forgotten", ids
+                ids = []
+        if ids:
+            yield st.portfolio, "forgotten", ids
     for st in states:
         cut: list[bytes] = []
         size = 0
         for sig in st.signals.values():
             raw = dump(sig)
             if cut and size + len(raw) > SNAPSHOT_PART_BYTES:
-                chunks.append((st.portfolio, cut))
+                yield st.portfolio, "signals", cut
                 cut, size = [], 0
             cut.append(raw)
             size += len(raw)
         if cut:
-            chunks.append((st.portfolio, cut))
-    for n, (portfolio, cut) in enumerate(chunks, 1):
-        field = "forgotten" if cut and cut[0] == b"F" else "signals"
-        items = cut[1:] if field == "forgotten" else cut
-        yield orjson.dumps(
-            {
-                **base,
-                "part": n,
-                "last": n == len(chunks),
-                "portfolio": portfolio,
-                field: [orjson.Fragment(raw) for raw in items],
-            }
-        )
+            yield st.portfolio, "signals", cut
 
 
 @dataclass
