@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import uuid
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
@@ -510,3 +511,30 @@ def test_a_locked_sqlite_database_is_retryable_and_the_store_recovers(tmp_path: 
 
         assert store.write_batch(events) == len(events)
         assert store.count() == len(events)
+
+
+def test_sinks_starting_together_on_a_new_postgresql_schema_all_open_it() -> None:
+    """Several sink processes of one group start at once: none may fail on creating the schema
+    or its tables (neither IF NOT EXISTS is atomic in PostgreSQL)."""
+    backends = _postgres_backend()
+    backend = next(backends)
+    barrier = threading.Barrier(6)
+    failures: list[BaseException] = []
+
+    def open_one() -> None:
+        barrier.wait()
+        try:
+            open_store(backend.url).close()
+        except BaseException as exc:  # collected: the assertion below names it
+            failures.append(exc)
+
+    try:
+        threads = [threading.Thread(target=open_one) for _ in range(barrier.parties)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert failures == []
+        assert backend.sql("SELECT value FROM schema_meta WHERE key = 'version'")
+    finally:
+        backends.close()

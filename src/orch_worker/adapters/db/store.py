@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol, Self, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
@@ -1115,6 +1115,9 @@ def _columns(rows: Sequence[Row], width: int) -> list[list[Any]]:
     return [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
 
 
+_SCHEMA_LOCK_SQL: Final = "SELECT pg_advisory_xact_lock(hashtext('orch-worker audit schema'))"
+
+
 class PostgresStore(_SqlStore):
     """The production store: psycopg 3, one statement per table per batch.
 
@@ -1155,7 +1158,11 @@ class PostgresStore(_SqlStore):
             ) from exc
         if self.schema is not None:
             ident = psycopg.sql.Identifier(self.schema)
-            conn.execute(psycopg.sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
+            with conn.transaction():
+                # CREATE SCHEMA IF NOT EXISTS is not atomic either: of two sinks starting
+                # together, one would fail on the schema's unique name without the lock.
+                conn.execute(_SCHEMA_LOCK_SQL)
+                conn.execute(psycopg.sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
             conn.execute(psycopg.sql.SQL("SET search_path TO {}").format(ident))
         return conn
 
@@ -1163,7 +1170,7 @@ class PostgresStore(_SqlStore):
         with self._transaction():
             # Two sinks starting together would race on CREATE TABLE IF NOT EXISTS (it is not
             # atomic in PostgreSQL); the advisory lock serialises them.
-            self._conn.execute("SELECT pg_advisory_xact_lock(hashtext('orch-worker audit schema'))")
+            self._conn.execute(_SCHEMA_LOCK_SQL)
             for sql in (
                 _SCHEMA_META_SQL,
                 _event_table_sql(
