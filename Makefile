@@ -74,6 +74,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
+	$(BIN)/mypy bench
 
 schemas: $(STAMP)
 	$(BIN)/orch-worker schemas --out schemas

@@ -219,7 +219,11 @@ def make_scenario(opts: ChaosOptions, rng: random.Random) -> Scenario:
     for portfolio in portfolios:
         need = sum(
             (
-                _margin(s["symbol"], Decimal(s["quantity"]), Decimal(s["reference_price"]) * worst)
+                _margin(
+                    str(s["symbol"]),
+                    Decimal(str(s["quantity"])),
+                    Decimal(str(s["reference_price"])) * worst,
+                )
                 for s in signals
                 if s["portfolio"] == portfolio
             ),
