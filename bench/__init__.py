@@ -61,10 +61,11 @@ class BenchEnv:
         )
 
 
-def paper_account(account_id: str, portfolio: str, at: datetime) -> AccountState:
-    """A flat paper account with a million of margin: no rule of the planner binds on it, so
+def paper_account(
+    account_id: str, portfolio: str, at: datetime, money: str = "1000000"
+) -> AccountState:
+    """A flat paper account with `money` of margin: no rule of the planner binds on it, so
     the benchmarks measure the machinery, not exclusions."""
-    money = "1000000"
     return AccountState.model_validate(
         {
             "account_id": account_id,

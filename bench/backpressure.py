@@ -65,7 +65,7 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from bench import BenchEnv, broker, progress, table
+from bench import BenchEnv, broker, paper_account, progress, table
 from bench.chaos import _die_with_parent, _http_status
 from orch_worker.adapters.kafka.clients import consumer_kwargs, ensure_topics, producer_kwargs
 from orch_worker.adapters.kafka.embedded import free_port
@@ -367,22 +367,8 @@ def config_toml(opts: Options, kafka: KafkaConfig, run_id: str) -> str:
 
 def account_state(account_id: str, portfolio: str) -> dict[str, Any]:
     # Static states (no bridge books the fills): margin for every fill of the whole burst.
-    money = "1000000000"
-    return {
-        "account_id": account_id,
-        "portfolio": portfolio,
-        "broker": "paper",
-        "status": "active",
-        "currency": "USD",
-        "balance": money,
-        "equity": money,
-        "margin_used": "0",
-        "margin_available": money,
-        "day_start_equity": money,
-        "peak_equity": money,
-        "positions": [],
-        "updated_at": _now(),
-    }
+    at = datetime.now(UTC)
+    return paper_account(account_id, portfolio, at, money="1000000000").model_dump(mode="json")
 
 
 def signal_doc(i: int, portfolio: str, accounts: int, created_at: str) -> dict[str, Any]:

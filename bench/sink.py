@@ -59,7 +59,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.abc import ConsumerRebalanceListener
 
-from bench import BenchEnv, progress, table
+from bench import BenchEnv, paper_account, progress, table
 from orch_worker.adapters.db.rows import EventRecord, record_from_event
 from orch_worker.adapters.db.store import open_store
 from orch_worker.adapters.kafka.clients import consumer_kwargs, ensure_topics, producer_kwargs
@@ -68,7 +68,7 @@ from orch_worker.adapters.kafka.sink_app import POLLS_PER_WRITE, AuditSink, Sink
 from orch_worker.adapters.kafka.topics import Topics
 from orch_worker.domain.config import KafkaConfig, OrchConfig
 from orch_worker.domain.decider import Context, PortfolioState, on_report, on_signal
-from orch_worker.domain.models import AccountState, AuditEvent, ExecutionReport, Signal
+from orch_worker.domain.models import AuditEvent, ExecutionReport, Signal
 
 TITLE = "audit sink throughput (events/s) into SQLite and PostgreSQL vs a bare pass-through"
 
@@ -116,25 +116,6 @@ def _config() -> OrchConfig:
     )
 
 
-def _state(account_id: str, portfolio: str) -> AccountState:
-    money = "1000000"
-    return AccountState.model_validate(
-        {
-            "account_id": account_id,
-            "portfolio": portfolio,
-            "broker": "paper",
-            "status": "active",
-            "balance": money,
-            "equity": money,
-            "margin_used": "0",
-            "margin_available": money,
-            "day_start_equity": money,
-            "peak_equity": money,
-            "updated_at": NOW,
-        }
-    )
-
-
 def _report(intent_id: str, account: str, status: str, filled: str, n: int) -> ExecutionReport:
     return ExecutionReport.model_validate(
         {
@@ -155,7 +136,7 @@ def _report(intent_id: str, account: str, status: str, filled: str, n: int) -> E
 def audit_events(n: int) -> list[AuditEvent]:
     """At least `n` audit events from a real decider run, in publication order."""
     cfg = _config()
-    accounts = {a: _state(a, c.portfolio) for a, c in cfg.accounts.items()}
+    accounts = {a: paper_account(a, c.portfolio, NOW) for a, c in cfg.accounts.items()}
     states = {p: PortfolioState(portfolio=p) for p in cfg.portfolios}
     out: list[AuditEvent] = []
     i = 0
