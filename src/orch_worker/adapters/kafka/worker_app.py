@@ -1055,23 +1055,14 @@ class Worker:
                         self._broker_taken.setdefault(i.intent.broker, []),
                         i.intent.scheduled_at,
                     )
-            # Every time-driven step of a signal (a release, a timeout, a retry) is found by
-            # the pure core; the shell only sets an alarm for it.
-            wake = decider.next_wake(st, self.cfg, self._listening.get(pf.portfolio))
-            if wake is not None:
-                self.timers.add(wake, (sid, wake), (pf.portfolio, sid))
+            self._arm(pf.portfolio, st)
 
-    def _rearm(self, portfolio: str, sid: str) -> None:
-        """Set the signal's next alarm even when its timer fired for nothing: a deadline moved
-        on since it was set (reports waited unread meanwhile) leaves the state unchanged, and
-        an unchanged state is not indexed again."""
-        pf = self.portfolios.get(portfolio)
-        st = pf.signals.get(sid) if pf is not None else None
-        if st is None:
-            return
+    def _arm(self, portfolio: str, st: SignalState) -> None:
+        """Every time-driven step of a signal (a release, a timeout, a retry) is found by the
+        pure core; the shell only sets an alarm for it."""
         wake = decider.next_wake(st, self.cfg, self._listening.get(portfolio))
         if wake is not None:
-            self.timers.add(wake, (sid, wake), (portfolio, sid))
+            self.timers.add(wake, (st.signal.signal_id, wake), (portfolio, st.signal.signal_id))
 
     def _rated(self, broker: str) -> bool:
         found = self.cfg.brokers.get(broker)
@@ -1139,8 +1130,13 @@ class Worker:
                     continue
                 # One decision per signal keeps every changelog record small, however many
                 # releases fall due at once.
+                before = pf.signals.get(sid)
                 self._apply("timer", decider.on_due(pf, [sid], ctx), batch, None)
-                self._rearm(portfolio, sid)
+                if before is not None and self.portfolios[portfolio].signals.get(sid) is before:
+                    # Fired for nothing (a deadline moved on since the alarm was set: reports
+                    # waited unread meanwhile): the state is unchanged, so `_apply` did not
+                    # index it, and its next alarm must be set here.
+                    self._arm(portfolio, before)
                 if time.perf_counter() - started > TIMER_CHUNK_S:
                     break
             self._submit(batch).add_done_callback(self._published_timers)
