@@ -115,15 +115,15 @@ async def test_input_waits_for_due_releases_only_while_they_keep_up() -> None:
     """Releases first, but a backlog past RELEASES_FIRST_S must not starve reports: then input
     and releases take turns."""
     worker, _, _ = _worker()
-    worker._timers_idle.clear()  # timers are being decided
+    worker.timers._idle.clear()  # timers are being decided
     worker.timers.add(f.NOW - timedelta(milliseconds=10), "recent", ("demo", "recent"))
     waiting = asyncio.create_task(worker._may_decide())
     await asyncio.sleep(0.02)
     assert not waiting.done(), "input went ahead of releases that keep up"
-    worker._timers_idle.set()
+    worker.timers._idle.set()
     assert await asyncio.wait_for(waiting, 1) is True
 
-    worker._timers_idle.clear()
+    worker.timers._idle.clear()
     worker.timers.clear()
     late = f.NOW - timedelta(seconds=worker_app.RELEASES_FIRST_S * 2)
     worker.timers.add(late, "late", ("demo", "late"))
@@ -133,13 +133,13 @@ async def test_input_waits_for_due_releases_only_while_they_keep_up() -> None:
 async def test_input_waits_no_longer_than_until_the_releases_fall_behind() -> None:
     """The timers never finish here: input goes ahead once the due release is that late."""
     worker, _, _ = _worker()
-    worker._timers_idle.clear()
+    worker.timers._idle.clear()
     worker.timers.add(f.NOW, "due", ("demo", "due"))
     waiting = asyncio.create_task(worker._may_decide())
     await asyncio.sleep(worker_app.RELEASES_FIRST_S / 5)
     assert not waiting.done()
     assert await asyncio.wait_for(waiting, worker_app.RELEASES_FIRST_S * 2) is True
-    assert not worker._timers_idle.is_set()
+    assert worker.timers.firing
 
 
 async def test_no_order_times_out_while_reports_wait_unread() -> None:

@@ -55,9 +55,11 @@ async def test_timers_being_decided_count_until_the_callback_returns() -> None:
         assert len(timers) == 0  # popped, but not decided yet
         clock.now = T0 + timedelta(milliseconds=250)
         assert timers.behind_s(clock.now) == 0.75
+        assert timers.firing
         release.set()
         for _ in range(5):
             await asyncio.sleep(0)
         assert timers.behind_s(clock.now) == 0.0
+        assert not timers.firing
     finally:
         await timers.stop()

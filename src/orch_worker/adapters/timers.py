@@ -35,6 +35,9 @@ class TimerService(Generic[P]):
         self._task: asyncio.Task[None] | None = None
         self._firing: datetime | None = None
         """Due time of the oldest timer handed to the callback that has not returned yet."""
+        self._idle = asyncio.Event()
+        """Set while no callback runs: what others wait on to go after the due timers."""
+        self._idle.set()
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._keys
@@ -55,6 +58,14 @@ class TimerService(Generic[P]):
 
     def next_due(self) -> datetime | None:
         return self._heap[0][0] if self._heap else None
+
+    @property
+    def firing(self) -> bool:
+        """The callback is deciding due timers now."""
+        return not self._idle.is_set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
 
     def behind_s(self, now: datetime) -> float:
         """How late the oldest due timer not yet decided is (0 when the loop keeps up): the
@@ -97,6 +108,7 @@ class TimerService(Generic[P]):
             now = self._clock()
             due: list[P] = []
             self._firing = self._heap[0][0]
+            self._idle.clear()
             while self._heap and self._heap[0][0] <= now:
                 _, _, key, payload = heapq.heappop(self._heap)
                 self._keys.discard(key)
@@ -110,6 +122,7 @@ class TimerService(Generic[P]):
                 log.exception("releasing %d due timers failed", len(due))
             finally:
                 self._firing = None
+                self._idle.set()
             # A turn for the rest of the loop before the next due batch: under a backlog of
             # timers, every fire would otherwise follow the last without a yield.
             await asyncio.sleep(0)

@@ -252,9 +252,6 @@ class Worker:
         # Changes on every ownership change: a slice of due timers taken before it is stale.
         self._generation = 0
         w = cfg.worker
-        # Set while no due timers are being decided (see `_may_decide`).
-        self._timers_idle = asyncio.Event()
-        self._timers_idle.set()
         self.intake = Intake(
             self.topics.signals,
             self.topics.portfolio_inputs,
@@ -812,11 +809,11 @@ class Worker:
         backlog of releases (a report held back past its order's acknowledgement timeout would
         turn an answered order into an unknown outcome); the intake then holds new signals
         back until the timers catch up."""
-        if not self._timers_idle.is_set():
+        if self.timers.firing:
             wait_s = RELEASES_FIRST_S - self.timers.behind_s(self.clock())
             if wait_s > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._timers_idle.wait(), wait_s)
+                    await asyncio.wait_for(self.timers.wait_idle(), wait_s)
         while self.rebalancing or not self.lease.held():
             if self.failed.is_set() or self.stopping:
                 return False
@@ -1107,11 +1104,7 @@ class Worker:
         generation = self._generation
         # A signal with several due timers (say a release and a timeout) is decided once.
         pending = list(dict.fromkeys(due))
-        self._timers_idle.clear()
-        try:
-            await self._fire_slices(pending, generation)
-        finally:
-            self._timers_idle.set()
+        await self._fire_slices(pending, generation)
         self._settle(backlog=True)
 
     async def _fire_slices(self, pending: list[tuple[str, str]], generation: int) -> None:
