@@ -168,7 +168,6 @@ def signal_ids(run_id: str) -> list[str]:
 class Seen:
     intent_id: str
     scheduled: float
-    released: float
     arrived: float
 
 
@@ -224,7 +223,6 @@ class IntentObserver:
                 out[iid] = Seen(
                     iid,
                     datetime.fromisoformat(d["scheduled_at"]).timestamp(),
-                    datetime.fromisoformat(d["released_at"]).timestamp(),
                     arrived,
                 )
         return list(out.values()), len(self.raw) - len(out), self.raw[0][1] if self.raw else None
