@@ -5,17 +5,20 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import orjson
+
 from orch_worker.adapters.kafka.changelog import (
     SNAPSHOT_PART_BYTES,
     OutRecord,
     Recovered,
     SnapshotScan,
+    StateDumper,
     decision_record,
     fence_record,
     fold,
     snapshot_parts,
 )
-from orch_worker.domain.coordinator import IntentStatus
+from orch_worker.domain.coordinator import IntentStatus, SignalState
 from orch_worker.domain.decider import next_wake
 from tests import factories as f
 from tests.unit.execution_helpers import Run, config, limit_signal
@@ -203,3 +206,35 @@ def test_many_forgotten_ids_are_cut_into_parts_below_the_message_limit() -> None
     back = _fold_all(parts).portfolios["demo"]
     assert back.forgotten == gone
     assert back.signals == pf.signals
+
+
+def test_a_state_written_from_its_parts_reads_back_as_the_whole_state() -> None:
+    """Every decision's changed signals, written by one dumper along the run as the worker
+    does, parse to what pydantic writes for the whole state, and validate back to it."""
+    run = busy_portfolio()
+    run.at(40).due("sig-1")
+    run.due("sig-2")
+    dump = StateDumper()
+    written = 0
+    for d in run.decisions:
+        for sid in d.changed_signals:
+            st = d.state.signals[sid]
+            raw = dump(st)
+            assert orjson.loads(raw) == orjson.loads(st.model_dump_json())
+            assert SignalState.model_validate_json(raw) == st
+            written += 1
+    assert written >= len(run.decisions)
+    assert len(dump) == len(run.pf.signals)
+
+
+def test_an_unchanged_state_is_not_written_again_and_a_forgotten_one_is_let_go() -> None:
+    run = busy_portfolio()
+    dump = StateDumper()
+    st = run.st("sig-1")
+    first = dump(st)
+    assert dump(st) is first
+    dump.keep({"sig-2"})
+    assert len(dump) == 0
+    dump(run.st("sig-2"))
+    dump.forget("sig-2")
+    assert len(dump) == 0

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import math
 from collections.abc import Awaitable, Callable, Hashable
 from datetime import datetime
 from typing import Generic, TypeVar
@@ -58,6 +59,10 @@ class TimerService(Generic[P]):
 
     def next_due(self) -> datetime | None:
         return self._heap[0][0] if self._heap else None
+
+    def until_due(self, now: datetime) -> float:
+        """Seconds until the next timer falls due (negative once due, infinite with none)."""
+        return (self._heap[0][0] - now).total_seconds() if self._heap else math.inf
 
     @property
     def firing(self) -> bool:

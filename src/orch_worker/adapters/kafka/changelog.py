@@ -33,8 +33,9 @@ from typing import Any
 
 import orjson
 
-from orch_worker.domain.coordinator import SignalState
+from orch_worker.domain.coordinator import IntentState, SignalState
 from orch_worker.domain.decider import PortfolioState
+from orch_worker.domain.models import OrderIntent
 from orch_worker.domain.recovery import AccountHealth
 
 
@@ -70,6 +71,90 @@ def _header(state: PortfolioState) -> dict[str, Any]:
 
 def _dump(st: SignalState) -> bytes:
     return st.model_dump_json().encode()
+
+
+_PARTS: set[str] = {"signal", "plan", "intents"}
+_INTENT_PARTS: set[str] = {"intent"}
+
+
+@dataclass(slots=True)
+class _Pieces:
+    """The JSON of one signal's parts, each with the immutable object it was made from."""
+
+    whole: tuple[SignalState, bytes] | None = None
+    signal: tuple[object, bytes] | None = None
+    plan: tuple[object, bytes] | None = None
+    intents: dict[str, tuple[IntentState, bytes]] = field(default_factory=dict)
+    orders: dict[str, tuple[OrderIntent, bytes]] = field(default_factory=dict)
+
+
+class StateDumper:
+    """Serialises signal states from cached JSON of their unchanged parts.
+
+    A decision record carries the whole state of every signal it changed, but a decision
+    changes little: a release moves one intent of five, and the signal and its plan (half the
+    bytes) never change after planning. States are immutable and share unchanged parts, so a
+    part's JSON is kept with the object it came from and reused while the state still holds
+    that very object: a release serialises one intent's status, not the signal. The result
+    parses to exactly what `model_dump_json` gives (key order aside)."""
+
+    def __init__(self) -> None:
+        self._signals: dict[str, _Pieces] = {}
+
+    def __len__(self) -> int:
+        return len(self._signals)
+
+    def __call__(self, st: SignalState) -> bytes:
+        sid = st.signal.signal_id
+        pieces = self._signals.get(sid)
+        if pieces is None:
+            pieces = self._signals[sid] = _Pieces()
+        elif pieces.whole is not None and pieces.whole[0] is st:
+            return pieces.whole[1]
+        signal = pieces.signal
+        if signal is None or signal[0] is not st.signal:
+            signal = pieces.signal = (st.signal, st.signal.model_dump_json().encode())
+        plan = pieces.plan
+        if plan is None or plan[0] is not st.plan:
+            plan = pieces.plan = (st.plan, st.plan.model_dump_json().encode())
+        intents = [self._intent(pieces, i) for i in st.intents]
+        rest = st.model_dump_json(exclude=_PARTS).encode()
+        raw = b"".join(
+            (
+                b'{"signal":',
+                signal[1],
+                b',"plan":',
+                plan[1],
+                b',"intents":[',
+                b",".join(intents),
+                b"]",
+                b"," if len(rest) > 2 else b"",
+                rest[1:],
+            )
+        )
+        pieces.whole = (st, raw)
+        return raw
+
+    @staticmethod
+    def _intent(pieces: _Pieces, i: IntentState) -> bytes:
+        iid = i.intent.intent_id
+        cached = pieces.intents.get(iid)
+        if cached is not None and cached[0] is i:
+            return cached[1]
+        order = pieces.orders.get(iid)
+        if order is None or order[0] is not i.intent:
+            order = pieces.orders[iid] = (i.intent, i.intent.model_dump_json().encode())
+        rest = i.model_dump_json(exclude=_INTENT_PARTS).encode()
+        raw = b"".join((b'{"intent":', order[1], b"," if len(rest) > 2 else b"", rest[1:]))
+        pieces.intents[iid] = (i, raw)
+        return raw
+
+    def forget(self, signal_id: str) -> None:
+        self._signals.pop(signal_id, None)
+
+    def keep(self, signal_ids: set[str]) -> None:
+        """Drop every signal not named (after recovery replaced the states)."""
+        self._signals = {s: p for s, p in self._signals.items() if s in signal_ids}
 
 
 def snapshot_parts(
