@@ -6,9 +6,11 @@ from __future__ import annotations
 from decimal import Decimal
 
 import orjson
+import pytest
 
 from orch_worker.adapters.kafka.changelog import (
     SNAPSHOT_PART_BYTES,
+    BrokenChangelogError,
     OutRecord,
     Recovered,
     SnapshotScan,
@@ -19,7 +21,7 @@ from orch_worker.adapters.kafka.changelog import (
     snapshot_parts,
 )
 from orch_worker.domain.coordinator import IntentStatus, SignalState
-from orch_worker.domain.decider import next_wake
+from orch_worker.domain.decider import PortfolioState, next_wake
 from tests import factories as f
 from tests.unit.execution_helpers import Run, config, limit_signal
 
@@ -238,3 +240,58 @@ def test_an_unchanged_state_is_not_written_again_and_a_forgotten_one_is_let_go()
     dump(run.st("sig-2"))
     dump.forget("sig-2")
     assert len(dump) == 0
+
+
+def _history(run: Run) -> list[bytes]:
+    """Every decision of the run as the worker writes it: open signals as patches."""
+    dump = StateDumper()
+    before = PortfolioState(portfolio="demo")
+    out = []
+    for k, d in enumerate(run.decisions):
+        out.append(
+            decision_record(
+                f"o-{k}", d.state, d.changed_signals, None, [], dump=dump, before=before
+            )
+        )
+        before = d.state
+    return out
+
+
+def test_a_history_of_patches_folds_back_to_the_state_it_was_written_from() -> None:
+    run = busy_portfolio()
+    run.at(40).due("sig-1")
+    run.due("sig-2")
+    history = _history(run)
+    patched = sum(len(orjson.loads(r)["patches"]) for r in history)
+    assert patched >= len(history) // 2, "open signals are written as patches"
+
+    rec = Recovered()
+    for k, value in enumerate(history):
+        fold(rec, value)
+        if k % 3 == 0:
+            rec.settle()  # later patches apply to validated states too
+    assert rec.portfolios["demo"].signals == run.pf.signals
+
+
+def test_a_signal_finished_before_the_decision_is_written_whole() -> None:
+    run = Run(config())
+    run.signal()
+    for i in run.intents():
+        run.report(i, "filled", i.intent.quantity, price="1.1000")
+    assert run.status().terminal
+    finished = run.pf
+    run.at(5).report(run.intents()[0], "filled", "0.50", price="1.1000")  # a late fill
+    d = run.decisions[-1]
+    assert d.changed_signals == ("sig-1",)
+    doc = orjson.loads(decision_record("o", d.state, d.changed_signals, None, [], before=finished))
+    assert doc["patches"] == []
+    assert len(doc["signals"]) == 1
+
+
+def test_a_patch_without_the_state_before_it_is_refused() -> None:
+    run = busy_portfolio()
+    history = _history(run)
+    first_patch = next(k for k, r in enumerate(history) if orjson.loads(r)["patches"])
+    rec = Recovered()
+    with pytest.raises(BrokenChangelogError, match="without the signal's state"):
+        fold(rec, history[first_patch])

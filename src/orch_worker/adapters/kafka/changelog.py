@@ -3,6 +3,8 @@
 Commit order, written down once:
   1. append a `decision` record per input that changed state: the changed signal states, the
      portfolio header (audit chain head, halts, pauses) and every output it will publish;
+     a signal that was open before the decision is written as a patch of what changed (its
+     small fields and the intents that are new or changed), not whole;
   2. publish the outputs;
   3. append a `done` record naming the finished outboxes;
   4. commit the input offsets.
@@ -134,6 +136,39 @@ class StateDumper:
         )
         pieces.whole = (st, raw)
         return raw
+
+    def patch(self, before: SignalState, st: SignalState) -> bytes | None:
+        """`st` as a patch of `before` (see `apply_patch`), or None when it must be written
+        whole: the signal or plan changed, intents went missing, or `before` was finished
+        (recovery may have let a finished signal go before reading the patch)."""
+        if (
+            before.status.terminal
+            or before.signal is not st.signal
+            or before.plan is not st.plan
+            or len(st.intents) < len(before.intents)
+        ):
+            return None
+        sid = st.signal.signal_id
+        pieces = self._signals.get(sid)
+        if pieces is None:
+            pieces = self._signals[sid] = _Pieces()
+        old = before.intents
+        changed = [
+            b"[%d,%s]" % (k, self._intent(pieces, i))
+            for k, i in enumerate(st.intents)
+            if k >= len(old) or old[k] is not i
+        ]
+        return b"".join(
+            (
+                b'{"signal_id":',
+                orjson.dumps(sid),
+                b',"set":',
+                st.model_dump_json(exclude=_PARTS).encode(),
+                b',"intents":[',
+                b",".join(changed),
+                b"]}",
+            )
+        )
 
     @staticmethod
     def _intent(pieces: _Pieces, i: IntentState) -> bytes:
@@ -280,10 +315,23 @@ def decision_record(
     outbox: list[OutRecord],
     *,
     epoch: int | None = None,
-    dump: Callable[[SignalState], bytes] = _dump,
+    dump: StateDumper | None = None,
+    before: PortfolioState | None = None,
 ) -> bytes:
-    """`dump` may cache: the worker keeps each signal's JSON for its next snapshot, so the
-    state a release writes is serialised once, not once here and again for the snapshot."""
+    """`before`: the portfolio before the decision, whose open signals are written as patches.
+    `dump` may cache: the worker keeps each signal's JSON for its next snapshot, so the state
+    a release writes is serialised once, not once here and again for the snapshot."""
+    dump = dump or StateDumper()
+    whole: list[orjson.Fragment] = []
+    patches: list[orjson.Fragment] = []
+    for sid in changed:
+        st = state.signals[sid]
+        prior = before.signals.get(sid) if before is not None else None
+        patch = dump.patch(prior, st) if prior is not None else None
+        if patch is None:
+            whole.append(orjson.Fragment(dump(st)))
+        else:
+            patches.append(orjson.Fragment(patch))
     return orjson.dumps(
         {
             "type": "decision",
@@ -292,7 +340,8 @@ def decision_record(
             "portfolio": state.portfolio,
             "header": _header(state),
             "command_id": command_id,
-            "signals": [orjson.Fragment(dump(state.signals[s])) for s in changed],
+            "signals": whole,
+            "patches": patches,
             "outbox": [
                 {"topic": r.topic, "key": r.key, "value": r.value.decode("utf-8")} for r in outbox
             ],
@@ -400,6 +449,8 @@ def fold(rec: Recovered, value: bytes, partition: int = 0) -> None:
     raw = rec._raw.setdefault(name, {})
     for st in doc["signals"]:
         raw[st["signal"]["signal_id"]] = st
+    for patch in doc.get("patches", ()):
+        _fold_patch(rec, name, patch, partition)
     rec._header[name] = doc["header"]
     if doc.get("command_id"):
         rec._commands.setdefault(name, []).append(doc["command_id"])
@@ -408,6 +459,42 @@ def fold(rec: Recovered, value: bytes, partition: int = 0) -> None:
         rec.pending[doc["outbox_id"]] = [
             OutRecord(o["topic"], o["key"], o["value"].encode("utf-8")) for o in doc["outbox"]
         ]
+
+
+def _fold_patch(rec: Recovered, name: str, patch: dict[str, Any], partition: int) -> None:
+    raw = rec._raw.setdefault(name, {})
+    sid = patch["signal_id"]
+    base = raw.get(sid)
+    if base is None:  # folded into a settled state already
+        settled = rec._portfolios.get(name)
+        state = settled.signals.get(sid) if settled is not None else None
+        if state is None:
+            raise BrokenChangelogError(
+                f"partition {partition}: a patch of signal {sid} of {name} without the "
+                "signal's state before it"
+            )
+        base = orjson.loads(state.model_dump_json())
+    raw[sid] = apply_patch(base, patch)
+
+
+class BrokenChangelogError(ValueError):
+    """The changelog cannot be folded: a record refers to state that is not before it."""
+
+
+def apply_patch(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """A signal's JSON state with a patch applied: its small fields replaced, each listed
+    intent set at its index (the next index appends)."""
+    intents = list(base["intents"])
+    for k, intent in patch["intents"]:
+        if k < len(intents):
+            intents[k] = intent
+        elif k == len(intents):
+            intents.append(intent)
+        else:
+            raise BrokenChangelogError(
+                f"a patch of signal {patch['signal_id']} sets intent {k} of {len(intents)}"
+            )
+    return {**base, **patch["set"], "intents": intents}
 
 
 def _fold_snapshot(rec: Recovered, doc: dict[str, Any], partition: int) -> None:

@@ -1044,6 +1044,7 @@ class Worker:
             outbox,
             epoch=self._epochs.get(partition),
             dump=self._dump_signal,
+            before=self.portfolios.get(d.state.portfolio),
         )
         # Memory moves only once everything to publish is built: an error above leaves the
         # state as it was, so the input can be dead-lettered without diverging from Kafka.
