@@ -180,6 +180,19 @@ async def test_input_waits_for_a_gap_no_longer_than_releases_first() -> None:
     assert worker_app.RELEASES_FIRST_S * 0.9 <= waited < worker_app.RELEASES_FIRST_S * 4
 
 
+async def test_a_release_due_while_publishing_waits_for_one_record_not_a_stretch() -> None:
+    """The publisher hands records over in stretches; a release that falls due meanwhile gets
+    the next turn, unless due timers are already being decided (then they take turns)."""
+    worker, _, _ = _worker()
+    assert not worker._release_waits()
+    worker.timers.add(f.NOW + timedelta(milliseconds=5), "soon", ("demo", "soon"))
+    assert not worker._release_waits()
+    worker.timers.add(f.NOW, "due", ("demo", "due"))
+    assert worker._release_waits()
+    worker.timers._idle.clear()  # being decided
+    assert not worker._release_waits()
+
+
 async def test_no_order_times_out_while_reports_wait_unread() -> None:
     """The venue's answer may be among the waiting reports: silence is only known for time the
     worker was caught up, so a timeout waits a full window after it catches up again."""

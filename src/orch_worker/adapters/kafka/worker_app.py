@@ -96,8 +96,8 @@ QUIET_S = 1.0
 FORGET_EVERY_S = 1.0
 """How often finished signals are looked for, to let them go from memory."""
 SEND_SLICE_S = 0.002
-"""Longest stretch of handing records to the producer before the loop gets a turn (a due
-release waits behind it)."""
+"""Longest stretch of handing records to the producer before the loop gets a turn; a release
+that falls due within it gets a turn after the record being handed over."""
 RELEASES_FIRST_S = 0.05
 """Due releases go before input until the oldest is this late; then they take turns. Input
 also waits at most this long for a gap between releases long enough to decide its next record."""
@@ -857,6 +857,12 @@ class Worker:
         """No release falls due within the next `cost_s`."""
         return self.timers.until_due(self.clock()) >= cost_s
 
+    def _release_waits(self) -> bool:
+        """A release fell due and waits for its first turn: it goes after the record being
+        handed over, not after the stretch. (While due timers are being decided, publishing and
+        deciding take turns by the stretch instead, or a backlog would starve the publisher.)"""
+        return not self.timers.firing and self.timers.until_due(self.clock()) <= 0
+
     def _submit(self, batch: Batch) -> asyncio.Future[None]:
         return self.publisher.submit(batch)
 
@@ -1305,7 +1311,7 @@ class Worker:
             if fenced and not self.lease.held() and not await self._may_publish():
                 raise LeaseLostError("group lease lost in the middle of a publish round")
             futures.append(await self._send(topic, key, value, headers, partition))
-            if time.perf_counter() - started > SEND_SLICE_S:
+            if time.perf_counter() - started > SEND_SLICE_S or self._release_waits():
                 await asyncio.sleep(0)
                 started = time.perf_counter()
         if futures:
