@@ -9,18 +9,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from orch_worker.adapters.kafka.codec import encode
 from orch_worker.domain import ids
 from orch_worker.domain.audit import (
     GENESIS_HASH,
     AuditDraft,
     ChainHead,
     chain,
+    chain_json,
     event_hash,
     verify_chain,
 )
 from orch_worker.domain.canonical import canonical_json, sha256_hex
 from orch_worker.domain.models import AuditEvent
 from tests import factories as f
+from tests.unit.test_recovery_state import busy_portfolio
 
 
 def drafts(n: int, start: int = 0) -> list[AuditDraft]:
@@ -228,3 +231,22 @@ def test_chaining_in_batches_equals_chaining_at_once(split: list[int]) -> None:
 
     assert tuple(got) == chain("demo", ChainHead(), everything, f.NOW)[1]
     assert head.seq == len(everything)
+
+
+def test_the_json_written_with_the_chain_is_the_event_as_published_and_verifies() -> None:
+    """Each event's JSON comes from the very dump that was hashed: it must be what encoding
+    the event gives, and its hash must check out against the event."""
+    run = busy_portfolio()
+    run.at(40).due("sig-1")
+    checked = 0
+    for d in run.decisions:
+        assert len(d.audit_json) == len(d.audit)
+        for event, raw in zip(d.audit, d.audit_json, strict=True):
+            assert raw == encode(event)
+            assert AuditEvent.model_validate_json(raw) == event
+            assert event_hash(event) == event.hash
+            checked += 1
+    assert checked > 10
+    head, events, written = chain_json("demo", ChainHead(), drafts(3), f.NOW)
+    assert (head, events) == chain("demo", ChainHead(), drafts(3), f.NOW)
+    assert [encode(e) for e in events] == list(written)

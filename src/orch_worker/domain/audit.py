@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import orjson
 from pydantic import JsonValue
 
 from orch_worker.domain.canonical import canonical_json, sha256_hex
@@ -44,7 +45,17 @@ def event_hash(event: AuditEvent) -> str:
 def chain(
     portfolio: str, head: ChainHead, drafts: Iterable[AuditDraft], ts: datetime
 ) -> tuple[ChainHead, tuple[AuditEvent, ...]]:
+    new_head, events, _ = chain_json(portfolio, head, drafts, ts)
+    return new_head, events
+
+
+def chain_json(
+    portfolio: str, head: ChainHead, drafts: Iterable[AuditDraft], ts: datetime
+) -> tuple[ChainHead, tuple[AuditEvent, ...], tuple[bytes, ...]]:
+    """`chain`, with each event's JSON as published: the dump that is hashed is the one
+    written, so an event is serialised once, not once to hash and again to publish."""
     events: list[AuditEvent] = []
+    written: list[bytes] = []
     seq, prev = head.seq, head.hash
     for d in drafts:
         seq += 1
@@ -62,10 +73,14 @@ def chain(
             prev_hash=prev,
             hash=GENESIS_HASH,
         )
-        signed = unsigned.model_copy(update={"hash": event_hash(unsigned)})
-        events.append(signed)
-        prev = signed.hash
-    return ChainHead(seq, prev), tuple(events)
+        doc = unsigned.model_dump(mode="json")
+        del doc["hash"]  # what `event_hash` covers
+        digest = sha256_hex(canonical_json(doc))
+        doc["hash"] = digest  # back in its place, the last field
+        events.append(unsigned.model_copy(update={"hash": digest}))
+        written.append(orjson.dumps(doc))
+        prev = digest
+    return ChainHead(seq, prev), tuple(events), tuple(written)
 
 
 def verify_chain(events: Iterable[AuditEvent]) -> str | None:

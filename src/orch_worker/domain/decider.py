@@ -17,7 +17,7 @@ from decimal import Decimal
 from pydantic import JsonValue
 
 from orch_worker.domain import execution, ids
-from orch_worker.domain.audit import AuditDraft, ChainHead, chain
+from orch_worker.domain.audit import AuditDraft, ChainHead, chain_json
 from orch_worker.domain.config import OrchConfig
 from orch_worker.domain.coordinator import (
     Frozen,
@@ -84,6 +84,8 @@ class Decision:
     results: tuple[ExecutionResult, ...] = ()
     interventions: tuple[Intervention, ...] = ()
     audit: tuple[AuditEvent, ...] = ()
+    audit_json: tuple[bytes, ...] = ()
+    """Each audit event's JSON as it is published (see `audit.chain_json`)."""
 
     @property
     def has_outputs(self) -> bool:
@@ -143,7 +145,7 @@ def _finish(
             st = st.model_copy(update={"result_seq": st.result_seq + 1})
             results.append(build_result(st, st.result_seq, now))
         signals[sid] = st
-    head, events = chain(pf.portfolio, pf.head, drafts, now)
+    head, events, written = chain_json(pf.portfolio, pf.head, drafts, now)
     new = pf.model_copy(
         update={"signals": signals, "audit_seq": head.seq, "audit_hash": head.hash, **(extra or {})}
     )
@@ -155,6 +157,7 @@ def _finish(
         results=tuple(results),
         interventions=interventions,
         audit=events,
+        audit_json=written,
     )
 
 

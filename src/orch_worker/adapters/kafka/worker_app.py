@@ -1039,7 +1039,10 @@ class Worker:
         outbox = [OutRecord(t.order_intents, i.account_id, encode(i)) for i in d.intents]
         outbox += [OutRecord(t.execution_results, r.signal_id, encode(r)) for r in d.results]
         outbox += [OutRecord(t.interventions, i.signal_id, encode(i)) for i in d.interventions]
-        outbox += [OutRecord(t.audit, e.portfolio, encode(e)) for e in d.audit]
+        events = d.audit_json if len(d.audit_json) == len(d.audit) else map(encode, d.audit)
+        outbox += [
+            OutRecord(t.audit, e.portfolio, raw) for e, raw in zip(d.audit, events, strict=True)
+        ]
         outbox_id = uuid.uuid4().hex
         partition = portfolio_partition(d.state.portfolio, self.n_partitions)
         record = decision_record(
