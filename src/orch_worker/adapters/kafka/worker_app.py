@@ -106,6 +106,11 @@ COST_WEIGHT = 0.2
 COST_MARGIN = 1.5
 """An input record is begun only with this many times its topic's average before the next
 release: deciding times vary, and one that overruns makes the release late."""
+SNAPSHOT_SPACING = 4
+"""At least this many decisions per signal held between two snapshots of a partition. A
+snapshot writes every signal whole, a decision mostly a patch of one: so a snapshot costs under
+a quarter of a whole signal per decision, and recovery reads about as much after the newest
+snapshot as the snapshot itself."""
 RECOVERY_FORGET_EVERY = 5_000
 """Changelog records folded between two looks for finished signals during recovery."""
 INTAKE_EVERY_S = 0.25
@@ -1062,11 +1067,9 @@ class Worker:
         batch.changelog.append((d.state.portfolio, record))
         batch.outputs += outbox
         batch.outbox_ids.setdefault(d.state.portfolio, []).append(outbox_id)
-        # At least twice as many decisions as signals held between two snapshots: a snapshot
-        # costs a dump of every signal, so its cost per decision stays below half a signal's.
         every = self.cfg.worker.snapshot_every
         written = self._since_snapshot.get(partition, 0) + 1
-        due = every > 0 and written >= max(every, 2 * len(d.state.signals))
+        due = every > 0 and written >= max(every, SNAPSHOT_SPACING * len(d.state.signals))
         self._since_snapshot[partition] = 0 if due else written
         if due:
             batch.snapshot_due.add(partition)
