@@ -501,9 +501,11 @@ def build_result(state: SignalState, now_seq: int, updated_at: object) -> Execut
     """The ExecutionResult for the state as it is, with quantity-weighted average prices."""
     lines: list[ResultLine] = []
     by_id = {i.intent.intent_id: i for i in state.intents}
-    accounts = sorted({i.intent.account_id for i in state.intents})
-    for account in accounts:
-        mine = [i for i in state.intents if i.intent.account_id == account]
+    by_account: dict[str, list[IntentState]] = {}
+    for i in state.intents:
+        by_account.setdefault(i.intent.account_id, []).append(i)
+    for account in sorted(by_account):
+        mine = by_account[account]
         filled = sum((i.filled for i in mine), start=Decimal(0))
         notional = sum((i.notional for i in mine), start=Decimal(0))
         requested = sum(
