@@ -1293,14 +1293,21 @@ class Worker:
         self, partition: int, epoch: int | None, states: list[PortfolioState], fenced: bool
     ) -> None:
         """Append a snapshot after the round's done markers; serialising thousands of signals
-        takes a while, so the loop gets a turn between parts."""
-        futures = []
+        takes a while, so the loop gets a turn between parts.
+
+        One part is in flight at a time: the producer compresses everything waiting for the
+        broker in one go, and megabytes of parts piled up behind a slow acknowledgement would
+        hold the loop (and a due release) for tens of milliseconds."""
+        sent: asyncio.Future[Any] | None = None
         for part in snapshot_parts(uuid.uuid4().hex, states, epoch, self._dump_signal):
+            if sent is not None:
+                await sent
             if fenced and not self.lease.held() and not await self._may_publish():
                 raise LeaseLostError("group lease lost in the middle of a snapshot")
-            futures.append(await self._send(self.topics.changelog, None, part, (), partition))
+            sent = await self._send(self.topics.changelog, None, part, (), partition)
             await asyncio.sleep(0)
-        await asyncio.gather(*futures)
+        if sent is not None:
+            await sent
 
     async def _send_all(self, records: Sequence[_Send], fenced: bool = False) -> None:
         """Send and wait for every acknowledgement, yielding now and then: a round of thousands
