@@ -224,7 +224,11 @@ def record_from_json(value: bytes) -> EventRecord | None:
         UnrepresentableEventError: the event is valid, but no store can hold it exactly.
     """
     try:
-        d = from_json(value, cache_strings=False)
+        # Keys only: an event's keys are the same few dozen names event after event, and from
+        # the cache they cost no allocation; its values mostly differ (ids, hashes). Measured
+        # against no cache: about 8% less CPU per decoded event (minimum and quartiles of 150
+        # alternating runs); caching the values too measured no better.
+        d = from_json(value, cache_strings="keys")
     except ValueError:
         return None
     if type(d) is not dict or len(d) != len(EVENT_COLUMNS):
