@@ -294,6 +294,25 @@ class TestAuditStore:
         assert store.write(fork).conflicts == 1  # seen again: still reported, stored once
         assert store.conflicts() == fork
 
+    def test_a_forked_event_in_a_batch_moves_no_state_and_the_rest_of_the_batch_does(
+        self, store: AuditStore
+    ) -> None:
+        def status(signal_id: str, value: str) -> AuditDraft:
+            return AuditDraft("s", f"Signal {value}.", {"signal_status": value}, signal_id)
+
+        head, common = _chain("alpha", [status("sig-f", "planned")])
+        later, ours = _chain("alpha", [status("sig-f", "executing")], head)
+        _, fork = _chain("alpha", [status("sig-g", "cancelled")], head)
+        _, after = _chain("alpha", [status("sig-f", "completed")], later)
+        store.write_batch(common + ours)
+
+        result = store.write(fork + after)
+
+        assert (result.new, result.duplicates, result.conflicts) == (1, 0, 1)
+        assert store.signal_status("sig-f") == "completed"
+        assert store.signal_status("sig-g") is None  # only the conflicting version named it
+        assert store.conflicts() == fork
+
     def test_awkward_values_round_trip_exactly(self, store: AuditStore) -> None:
         data: dict[str, JsonValue] = {
             "big_float": 1e20,
@@ -403,25 +422,52 @@ def test_a_new_sqlite_store_has_8_kib_pages_and_an_older_one_keeps_its_own(
             assert conn.execute("PRAGMA page_size").fetchone() == (page,)
 
 
-def test_sqlite_calls_committing_once_per_write_with_the_batch_written_but_not_committed(
+def test_sqlite_calls_in_database_once_per_write_before_the_batch_goes_into_its_tables(
     tmp_path: Path,
 ) -> None:
-    """The sink decodes its next batch in that window, so it must be the COMMIT alone."""
+    """The sink decodes its next batch from then on, so rows must no longer be bound one by
+    one: the batch is staged, and neither its own connection nor another sees it yet."""
     path = tmp_path / "audit.db"
     _, events = _chain("alpha", _signal_lifecycle())
-    visible: list[int] = []
-
-    def committing() -> None:
-        with sqlite3.connect(path) as other:  # WAL: another connection sees committed rows only
-            visible.append(other.execute("SELECT count(*) FROM audit_events").fetchone()[0])
+    seen: list[tuple[int, int]] = []
 
     with open_store(f"sqlite:///{path}") as store:
-        store.committing = committing
+
+        def in_database() -> None:
+            with sqlite3.connect(path) as other:  # WAL: sees committed rows only
+                committed = other.execute("SELECT count(*) FROM audit_events").fetchone()[0]
+            seen.append((store.count(), committed))
+
+        store.in_database = in_database
         store.write_batch(events[:SPLIT])
         store.write_batch(events[SPLIT:])
 
-        assert visible == [0, SPLIT]
+        assert seen == [(0, 0), (SPLIT, SPLIT)]
         assert list(store.events()) == events
+
+
+def test_a_sqlite_write_that_fails_once_staged_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Staged rows live in the write's transaction: a failed write must not leak them into
+    the next one."""
+    _, events = _chain("alpha", _signal_lifecycle("sig-1"))
+    _, other = _chain("beta", _signal_lifecycle("sig-2"))
+
+    def fail() -> None:
+        raise RuntimeError("the write fails once its rows are staged")
+
+    with open_store(f"sqlite:///{tmp_path / 'audit.db'}") as store:
+        store.in_database = fail
+        with pytest.raises(RuntimeError, match="staged"):
+            store.write_batch(events)
+        store.in_database = None
+
+        assert store.write_batch(other) == len(other)
+        assert list(store.events()) == other
+        assert store.signal_status("sig-1") is None
+        assert store.intent_statuses("sig-1") == {}
+        assert store.write_batch(events) == len(events)
+        assert list(store.events()) == events + other
+        assert store.signal_status("sig-1") == store.signal_status("sig-2")
 
 
 def test_an_event_from_before_the_year_1000_round_trips_in_postgresql() -> None:

@@ -23,9 +23,11 @@ Design points, each there for a reason:
   `UnstorableEventError`, and `unstorable_reason` / `record_problem` say why, so the sink can
   dead-letter it and write the rest of its batch.
 * Writes take events in their row form (`rows.EventRecord`): the sink builds it straight from a
-  record's JSON, `write` from `AuditEvent`s. SQLite inserts with one prepared statement per
-  batch (`executemany`); PostgreSQL COPYs a batch into `audit_events` when none of it is stored
-  yet (nearly always) and falls back to INSERT ... ON CONFLICT DO NOTHING when some of it is.
+  record's JSON, `write` from `AuditEvent`s. SQLite binds a batch into temporary tables of its
+  connection (`executemany`) and moves it into the audit tables with one statement per table,
+  which run without the GIL; PostgreSQL COPYs a batch into `audit_events` when none of it is
+  stored yet (nearly always) and falls back to INSERT ... ON CONFLICT DO NOTHING when some of
+  it is.
 * Retention is explicit, never silent: `prune` deletes only whole signals that are terminal and
   older than a cutoff, and leaves a tombstone per deleted event in `pruned` (its seq, hash and
   prev_hash), so `audit verify` can still walk each chain across the gap. A redelivered event that
@@ -179,13 +181,14 @@ class WriteResult:
 class AuditStore(Protocol):
     """What the sink writes to and the `audit`, `replay` and `report` commands read from."""
 
-    committing: Callable[[], None] | None
-    """Called on the writing thread just before a write's COMMIT, if the backend gains from
-    work done meanwhile (see `_SqlStore.committing`); it must not raise."""
+    in_database: Callable[[], None] | None
+    """Called on the writing thread when a write hands the rest of its batch to the database,
+    if the backend gains from work done meanwhile (see `_SqlStore.in_database`); it must not
+    raise."""
 
     decodes_beside_writes: ClassVar[bool]
     """Whether other work (the sink's decoding of its next batch) may run on another thread
-    for the whole of a write, not only while `committing` (see `_SqlStore`)."""
+    for the whole of a write, not only from `in_database` on (see `_SqlStore`)."""
 
     def unstorable_reason(self, event: AuditEvent) -> str | None:
         """Why this backend cannot store `event` exactly, or None when it can."""
@@ -459,23 +462,36 @@ class _SqlStore(ABC):
     @abstractmethod
     def _upsert_state(self, signals: list[SignalState], intents: list[IntentState]) -> None: ...
 
+    def _insert_events_and_state(
+        self, records: Sequence[EventRecord], signals: list[SignalState], intents: list[IntentState]
+    ) -> tuple[int, bool]:
+        """Insert `records` into `audit_events` and, if every one of them was new (so none can
+        conflict), upsert the state they imply; return how many were new and whether the
+        state was written."""
+        new = self._insert_events("audit_events", records)
+        if new < len(records):
+            return new, False
+        self._upsert_state(signals, intents)
+        return new, True
+
     @abstractmethod
     def _ts_param(self, ts: datetime) -> object: ...
 
-    committing: Callable[[], None] | None = None
-    """SQLite calls it on the writing thread just before a transaction's COMMIT, the one long
-    stretch of a write that runs without the GIL (WAL frames, fsync, now and then a
-    checkpoint), and the sink decodes its next batch meanwhile. Not earlier: while rows go in,
-    the sqlite3 module lets go of the GIL around every row, and another thread's decoding
-    would make each row wait for it (measured: the sink a sixth slower). PostgreSQL does not
-    call it: see `decodes_beside_writes`."""
+    in_database: Callable[[], None] | None = None
+    """SQLite calls it on the writing thread once a write's rows are staged in the connection's
+    own temporary tables, just before the few statements that move them into the audit tables
+    and COMMIT: the long stretch of a write that runs without the GIL (index updates, WAL
+    frames, fsync, now and then a checkpoint), and the sink decodes its next batch meanwhile.
+    Not earlier: while rows are bound one by one, the sqlite3 module lets go of the GIL around
+    every row, and another thread's decoding would make each row wait for it (measured: the
+    sink a sixth slower). PostgreSQL does not call it: see `decodes_beside_writes`."""
 
     decodes_beside_writes: ClassVar[bool] = False
     """Whether the sink may decode its next batch beside the whole of a write. PostgreSQL:
     a write is mostly waiting on the server (COPY, the upserts, COMMIT), without the GIL, so
     decoding then costs the write little and takes the decoding out of the sink's critical
     path (measured, runs taking turns on two cores at load 2: 33,000-40,000 events/s end to end
-    rather than 23,000-26,000). SQLite: no, for the reason under `committing`."""
+    rather than 23,000-26,000). SQLite: no, for the reason under `in_database`."""
 
     _holds_nul: ClassVar[bool] = True
     """Whether text columns can hold NUL; if not, `record_problem` looks for it."""
@@ -534,7 +550,10 @@ class _SqlStore(ABC):
         with self._transaction():
             tombstoned = self._tombstoned_hashes(records)
             live = [r for r in records if r.row[0] not in tombstoned] if tombstoned else records
-            new = self._insert_events("audit_events", live)
+            # The state as if no event of the batch conflicts, which is nearly always so; it is
+            # made again without the conflicting ones below when one does.
+            signals, intents = current_state(live)
+            new, state_written = self._insert_events_and_state(live, signals, intents)
             stored = tombstoned
             if new < len(live):
                 stored = stored | self._stored_hashes({r.row[0] for r in live})
@@ -554,12 +573,14 @@ class _SqlStore(ABC):
                         portfolio,
                         seq,
                     )
-            signals, intents = current_state(
-                r
-                for i, r in enumerate(records)
-                if i not in conflicting and r.row[0] not in tombstoned
-            )
-            self._upsert_state(signals, intents)
+            if not state_written:
+                if conflicting:
+                    signals, intents = current_state(
+                        r
+                        for i, r in enumerate(records)
+                        if i not in conflicting and r.row[0] not in tombstoned
+                    )
+                self._upsert_state(signals, intents)
         return WriteResult(new, len(records) - new - len(conflicting), len(conflicting))
 
     def write_batch(self, events: Sequence[AuditEvent]) -> int:
@@ -952,6 +973,31 @@ CACHE_KIB = 65_536
 WAL_CHECKPOINT_BYTES = 40 * 1024 * 1024
 """SQLite checkpoints the WAL into the database once it holds about this much."""
 
+_EVENT_LIST = ", ".join(EVENT_COLUMNS)
+
+# A write's rows go first into these tables of the connection's own temporary database (in
+# memory), bound row by row, then into the audit tables by one statement each: see
+# `SqliteStore._insert_events_and_state`. No constraints: the audit tables enforce theirs.
+_SQLITE_STAGES = {
+    "audit_stage": _EVENT_LIST,
+    "signals_stage": _SIGNAL_COLUMNS,
+    "intents_stage": _INTENT_COLUMNS,
+}
+
+
+def _staged(table: str, stage: str, columns: str, tail: str) -> str:
+    """Move the rows of `stage`, in the order they were staged, into `table`."""
+    # `WHERE true` keeps the parser from reading the conflict clause as a join's ON.
+    return (
+        f"INSERT INTO {table} ({columns}) SELECT {columns} FROM temp.{stage}"
+        f" WHERE true ORDER BY rowid {tail}"
+    )
+
+
+_SQLITE_MOVE_EVENTS = _staged("audit_events", "audit_stage", _EVENT_LIST, "ON CONFLICT DO NOTHING")
+_SQLITE_MOVE_SIGNALS = _staged("signals", "signals_stage", _SIGNAL_COLUMNS, _SIGNAL_UPSERT_TAIL)
+_SQLITE_MOVE_INTENTS = _staged("intents", "intents_stage", _INTENT_COLUMNS, _INTENT_UPSERT_TAIL)
+
 # SQLite primary result codes that a later attempt can get past: busy/locked by another
 # connection, an I/O error, a full disk. Anything else (a missing table, a constraint) is a bug.
 _SQLITE_RETRYABLE = {5, 6, 10, 13}
@@ -996,6 +1042,8 @@ class SqliteStore(_SqlStore):
             self._conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
             page = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
             self._conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_BYTES // page}")
+            # The staging tables of a write (a few MB) stay in memory, never in a temporary file.
+            self._conn.execute("PRAGMA temp_store = MEMORY")
             self._create_schema()
         except BaseException:
             self._conn.close()
@@ -1014,6 +1062,7 @@ class SqliteStore(_SqlStore):
                 *_state_tables_sql(ts="TEXT", seq="INTEGER"),
                 _pruned_table_sql(ts="TEXT", seq="INTEGER"),
                 *_INDEXES,
+                *(f"CREATE TEMP TABLE {t} ({c})" for t, c in _SQLITE_STAGES.items()),
             ):
                 self._conn.execute(sql)
             self._conn.execute(
@@ -1036,8 +1085,6 @@ class SqliteStore(_SqlStore):
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield
-                if self.committing is not None:
-                    self.committing()
                 self._conn.execute("COMMIT")
             except BaseException:
                 # Some errors end the transaction themselves; a failed COMMIT leaves it open.
@@ -1064,6 +1111,49 @@ class SqliteStore(_SqlStore):
             map(_ROW, records),
         )
         return self._conn.total_changes - before
+
+    def _insert_events_and_state(
+        self, records: Sequence[EventRecord], signals: list[SignalState], intents: list[IntentState]
+    ) -> tuple[int, bool]:
+        """Stage the batch, then move it into the audit tables with one statement per table.
+
+        Binding rows one by one holds the GIL between rows, and the sqlite3 module lets go of
+        it around each row's insert; with another thread busy (the sink decoding its next
+        batch), each row would wait for that thread. So rows are bound into the temporary
+        tables first, the cheap part, and the expensive part (the audit tables' indexes, the
+        state upserts, COMMIT) runs in a few statements that hold the GIL only between them;
+        `in_database` tells the sink when. The state goes in only if every event was new; the
+        caller writes it otherwise, once it knows which events conflict.
+        """
+        conn = self._conn
+        for stage in _SQLITE_STAGES:  # what the previous write staged (or rolled back)
+            conn.execute(f"DELETE FROM temp.{stage}")
+        conn.executemany(
+            f"INSERT INTO temp.audit_stage VALUES ({', '.join('?' * len(EVENT_COLUMNS))})",
+            map(_ROW, records),
+        )
+        if signals:
+            conn.executemany(
+                "INSERT INTO temp.signals_stage VALUES (?, ?, ?, ?, ?)",
+                [_signal_row(s, s.updated_ts) for s in signals],
+            )
+        if intents:
+            conn.executemany(
+                "INSERT INTO temp.intents_stage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [_intent_row(i, i.updated_ts) for i in intents],
+            )
+        if self.in_database is not None:
+            self.in_database()
+        before = conn.total_changes
+        conn.execute(_SQLITE_MOVE_EVENTS)
+        new = conn.total_changes - before
+        if new < len(records):
+            return new, False
+        if signals:
+            conn.execute(_SQLITE_MOVE_SIGNALS)
+        if intents:
+            conn.execute(_SQLITE_MOVE_INTENTS)
+        return new, True
 
     def _upsert_state(self, signals: list[SignalState], intents: list[IntentState]) -> None:
         if signals:

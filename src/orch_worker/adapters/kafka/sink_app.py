@@ -27,12 +27,14 @@ write. Decoding holds the GIL, so it runs where it cannot stall a write: on the 
 before the write, except while the store waits without the GIL, when the event loop decodes
 what it has fetched for the next batch. A PostgreSQL write waits on the server nearly
 throughout (`AuditStore.decodes_beside_writes`), so the loop decodes each poll as it comes;
-a SQLite write only while it commits (WAL frames, fsync, checkpoints; `AuditStore.committing`
-says when), since decoding beside its inserts would stall them: the sqlite3 module lets go of
-the GIL around every row (measured: a sixth slower). Records go to the store as rows built
-straight from their JSON (`rows.record_from_json`), with the `AuditEvent` model
-validating only what that strict fast path does not accept; the store's own check of what it
-cannot hold runs only when a write refuses an event.
+a SQLite write once its rows are staged (`AuditStore.in_database` says when), since decoding
+beside the staging would stall it: the sqlite3 module lets go of the GIL around every row
+(measured: a sixth slower). What follows, the index updates, the state upserts and COMMIT,
+runs in a few statements without the GIL, and the loop decodes beside it each poll as it
+comes. Records go to the store as rows built straight from their JSON
+(`rows.record_from_json`), with the `AuditEvent` model validating only what that strict fast
+path does not accept; the store's own check of what it cannot hold runs only when a write
+refuses an event.
 """
 
 from __future__ import annotations
@@ -220,7 +222,7 @@ class _Batch:
         """The batch's records, each decoded once; undecodable ones go to `rejected`.
 
         Picks up where the last call stopped: the loop decodes what it fetched while the store
-        commits the batch before (`_commit_window`), the store thread the rest. `decoded` moves
+        writes the batch before (`_decode_beside_write`), the store thread the rest. `decoded` moves
         record by record, so an unexpected error leaves the failing record to be decoded (and
         fail) again by the write, never skipped.
         """
@@ -295,6 +297,9 @@ class AuditSink:
         """The main loop and a rebalance may both settle the batch in flight; one at a time."""
         self._failure: BaseException | None = None
         """A write that failed while a rebalance settled it: re-raised by the main loop."""
+        self._beside_write = False
+        """The SQLite write in flight is in the database (`AuditStore.in_database`): polls are
+        decoded as they come."""
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         if self._executor is None:
@@ -317,11 +322,11 @@ class AuditSink:
         store = await self._db(open_store, self._db_url)
         loop = asyncio.get_running_loop()
 
-        def committing() -> None:  # on the store thread; must not fail its write
+        def in_database() -> None:  # on the store thread; must not fail its write
             with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to decode
-                loop.call_soon_threadsafe(self._commit_window)
+                loop.call_soon_threadsafe(self._store_in_database)
 
-        store.committing = committing
+        store.in_database = in_database
         try:
             await ensure_topics(self._cfg.kafka, self._topics)
             producer = AIOKafkaProducer(**producer_kwargs(self._cfg.kafka))
@@ -343,14 +348,21 @@ class AuditSink:
             self._io = None
             await self._db(store.close)
 
-    def _commit_window(self) -> None:
+    def _store_in_database(self) -> None:
+        """The SQLite write in flight has staged its rows: until it returns, the store thread
+        waits in the database, so what is fetched from now on is decoded as it comes."""
+        self._beside_write = True
+        self._decode_beside_write()
+
+    def _decode_beside_write(self) -> None:
         """The store waits without the GIL: decode what was fetched meanwhile.
 
-        Runs when a SQLite store starts to commit, and after each poll while a PostgreSQL write
-        is in flight. All of it at once: handing the loop back between polls measured twice the
-        CPU per event on SQLite (the store thread, done committing, then fought the loop for the
-        GIL). At most `POLLS_PER_WRITE` polls wait here, and holding the GIL the store thread
-        would have kept the loop from running about as long."""
+        Runs once a SQLite write is in the database (`AuditStore.in_database`) and after each
+        poll from then on, and after each poll while a PostgreSQL write is in flight. All of it
+        at once: handing the loop back between polls measured twice the CPU per event on SQLite
+        (the store thread, done committing, then fought the loop for the GIL). At most
+        `POLLS_PER_WRITE` polls wait here, and holding the GIL the store thread would have kept
+        the loop from running about as long."""
         try:
             self._pending.decode()
         except Exception as exc:  # a bug, not bad input: stop the sink, as the write would
@@ -387,8 +399,10 @@ class AuditSink:
                 if fetch is not None and fetch in done:
                     self._pending.add(fetch.result())
                     fetch = None
-                    if self._in_flight is not None and io.store.decodes_beside_writes:
-                        self._commit_window()
+                    if self._in_flight is not None and (
+                        self._beside_write or io.store.decodes_beside_writes
+                    ):
+                        self._decode_beside_write()
                 if writing is not None and writing in done and not await self._settle(io):
                     return
                 self._start_write(io)
@@ -408,6 +422,7 @@ class AuditSink:
     def _start_write(self, io: _Wiring) -> None:
         """Send the fetched records to the store, unless a write is in flight."""
         if self._in_flight is None and self._pending.sources:
+            self._beside_write = False  # until the store says it is in the database
             batch, self._pending = self._pending, _Batch()
             batch.write = asyncio.create_task(self._write(io.store, batch, io.stop))
             self._in_flight = batch
