@@ -180,6 +180,19 @@ async def test_input_waits_for_a_gap_no_longer_than_releases_first() -> None:
     assert worker_app.RELEASES_FIRST_S * 0.9 <= waited < worker_app.RELEASES_FIRST_S * 4
 
 
+async def test_input_waits_for_a_gap_no_longer_than_twice_its_own_cost() -> None:
+    """A record of a few milliseconds gets a third of a loop crowded with releases: it waits
+    at most INPUT_PATIENCE times its cost, not RELEASES_FIRST_S."""
+    worker, _, _ = _worker()
+    worker.clock = worker_app.utc_now
+    worker.timers.add(worker.clock() + timedelta(milliseconds=1), "soon", ("demo", "soon"))
+    cost = 0.015
+    started = time.perf_counter()
+    assert await asyncio.wait_for(worker._may_decide(cost), 1) is True
+    waited = time.perf_counter() - started
+    assert worker_app.INPUT_PATIENCE * cost * 0.9 <= waited < worker_app.RELEASES_FIRST_S
+
+
 async def test_a_release_due_while_publishing_waits_for_one_record_not_a_stretch() -> None:
     """The publisher hands records over in stretches; a release that falls due meanwhile gets
     the next turn, unless due timers are already being decided (then they take turns)."""

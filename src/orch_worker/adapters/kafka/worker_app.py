@@ -106,6 +106,10 @@ COST_WEIGHT = 0.2
 COST_MARGIN = 1.5
 """An input record is begun only with this many times its topic's average before the next
 release: deciding times vary, and one that overruns makes the release late."""
+INPUT_PATIENCE = 2.0
+"""Input waits for such a gap at most this many times its record's cost (and never past
+RELEASES_FIRST_S): with releases due back to back, input still gets a third of the loop, and a
+release is late by at most one record."""
 SNAPSHOT_SPACING = 4
 """At least this many decisions per signal held between two snapshots of a partition. A
 snapshot writes every signal whole, a decision mostly a patch of one: so a snapshot costs under
@@ -826,12 +830,14 @@ class Worker:
         Nothing is decided while partitions change hands or another worker may own them.
         Due releases go first while they keep up: input waits for the timers being decided,
         and for a gap before the next release long enough for its record, unless the oldest
-        due release is already RELEASES_FIRST_S late or input has waited that long. Past that
+        due release is already RELEASES_FIRST_S late or input has waited INPUT_PATIENCE times
+        its record's cost. Past that
         the process is overloaded and the two take turns, slice by slice, so reports are never
         starved by releases (a report held back past its order's acknowledgement timeout would
         turn an answered order into an unknown outcome); the intake then holds new signals
         back until the timers catch up."""
         waiting_since = time.perf_counter()
+        patience = min(RELEASES_FIRST_S, INPUT_PATIENCE * cost_s)
         while True:
             if self.timers.firing:
                 wait_s = RELEASES_FIRST_S - self.timers.behind_s(self.clock())
@@ -840,10 +846,10 @@ class Worker:
                         await asyncio.wait_for(self.timers.wait_idle(), wait_s)
             gap = self.timers.until_due(self.clock())
             waited = time.perf_counter() - waiting_since
-            if gap >= cost_s or waited >= RELEASES_FIRST_S or -gap >= RELEASES_FIRST_S:
+            if gap >= cost_s or waited >= patience or -gap >= RELEASES_FIRST_S:
                 break
             # The release falls due within the record's time: let it go first.
-            await asyncio.sleep(max(0.0, min(gap, RELEASES_FIRST_S - waited)))
+            await asyncio.sleep(max(0.0, min(gap, patience - waited)))
         while self.rebalancing or not self.lease.held():
             if self.failed.is_set() or self.stopping:
                 return False
