@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import contextlib
 import logging
 import time
@@ -115,6 +116,8 @@ SNAPSHOT_SPACING = 4
 snapshot writes every signal whole, a decision mostly a patch of one: so a snapshot costs under
 a quarter of a whole signal per decision, and recovery reads about as much after the newest
 snapshot as the snapshot itself."""
+SNAPSHOT_IN_FLIGHT = 4
+"""Snapshot parts (of up to 256 KiB) handed to the producer and not yet acknowledged."""
 RECOVERY_FORGET_EVERY = 5_000
 """Changelog records folded between two looks for finished signals during recovery."""
 INTAKE_EVERY_S = 0.25
@@ -1301,19 +1304,18 @@ class Worker:
         """Append a snapshot after the round's done markers; serialising thousands of signals
         takes a while, so the loop gets a turn between parts.
 
-        One part is in flight at a time: the producer compresses everything waiting for the
-        broker in one go, and megabytes of parts piled up behind a slow acknowledgement would
+        At most SNAPSHOT_IN_FLIGHT parts wait for the broker: the producer compresses all that
+        waits in one go, and megabytes of parts piled up behind a slow acknowledgement would
         hold the loop (and a due release) for tens of milliseconds."""
-        sent: asyncio.Future[Any] | None = None
+        in_flight: collections.deque[asyncio.Future[Any]] = collections.deque()
         for part in snapshot_parts(uuid.uuid4().hex, states, epoch, self._dump_signal):
-            if sent is not None:
-                await sent
+            if len(in_flight) >= SNAPSHOT_IN_FLIGHT:
+                await in_flight.popleft()
             if fenced and not self.lease.held() and not await self._may_publish():
                 raise LeaseLostError("group lease lost in the middle of a snapshot")
-            sent = await self._send(self.topics.changelog, None, part, (), partition)
+            in_flight.append(await self._send(self.topics.changelog, None, part, (), partition))
             await asyncio.sleep(0)
-        if sent is not None:
-            await sent
+        await asyncio.gather(*in_flight)
 
     async def _send_all(self, records: Sequence[_Send], fenced: bool = False) -> None:
         """Send and wait for every acknowledgement, yielding now and then: a round of thousands
