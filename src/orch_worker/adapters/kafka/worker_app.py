@@ -425,6 +425,10 @@ class Worker:
         quiet = not backlog and (nxt is None or (nxt - self.clock()).total_seconds() > QUIET_S)
         self.heap.settle(quiet=quiet)
 
+    def _freeze(self) -> None:
+        if self.heap is not None:
+            self.heap.freeze()
+
     def _fail(self, exc: BaseException) -> None:
         """A decision was applied in memory but could not be made durable: stop deciding.
 
@@ -811,6 +815,7 @@ class Worker:
                     if ended - chunk_started > CHUNK_S:
                         break
                 last = self._submit(batch)
+            self._freeze()
             await asyncio.sleep(0)
         if last is not None:
             try:
@@ -1192,6 +1197,7 @@ class Worker:
                 if time.perf_counter() - started > TIMER_CHUNK_S:
                     break
             self._submit(batch).add_done_callback(self._published_timers)
+            self._freeze()
             if done < len(pending):
                 await asyncio.sleep(0)
 
@@ -1314,6 +1320,7 @@ class Worker:
             if fenced and not self.lease.held() and not await self._may_publish():
                 raise LeaseLostError("group lease lost in the middle of a snapshot")
             in_flight.append(await self._send(self.topics.changelog, None, part, (), partition))
+            self._freeze()
             await asyncio.sleep(0)
         await asyncio.gather(*in_flight)
 
