@@ -72,3 +72,14 @@ def test_a_full_collection_frees_cycles_that_were_frozen() -> None:
     assert gc.collect() == 0
     assert heap.collect_all() >= 100
     assert gc.get_freeze_count() > 0  # and everything alive is frozen again
+
+
+@pytest.mark.usefixtures("clean_gc")
+def test_between_slices_a_young_collection_finds_nothing_left_by_the_last_slice() -> None:
+    heap = HeapPolicy()
+    heap.install()
+    kept = [[n] for n in range(5_000)]  # what a slice of decisions leaves alive
+    before = gc.get_freeze_count()
+    heap.freeze()
+    assert gc.get_freeze_count() >= before + len(kept)
+    assert gc.get_count()[0] == 0  # the young generation starts empty again
