@@ -50,9 +50,10 @@ class OutRecord:
     partition: int | None = None
 
 
-SNAPSHOT_PART_BYTES = 256 * 1024
-"""Signals per snapshot part are cut at about this much JSON (records stay far below the
-broker's message limit, compressed or not)."""
+SNAPSHOT_PART_BYTES = 64 * 1024
+"""Signals per snapshot part are cut at about this much JSON: records stay far below the
+broker's message limit, compressed or not, and building one holds the loop (and a due
+release) for about a millisecond."""
 FORGOTTEN_PER_PART = 4_000
 """Forgotten signal ids per snapshot part (about 70 bytes each)."""
 SNAPSHOT_PREFIX = b'{"type":"snapshot"'

@@ -116,8 +116,8 @@ SNAPSHOT_SPACING = 4
 snapshot writes every signal whole, a decision mostly a patch of one: so a snapshot costs under
 a quarter of a whole signal per decision, and recovery reads about as much after the newest
 snapshot as the snapshot itself."""
-SNAPSHOT_IN_FLIGHT = 4
-"""Snapshot parts (of up to 256 KiB) handed to the producer and not yet acknowledged."""
+SNAPSHOT_IN_FLIGHT = 8
+"""Snapshot parts (of up to 64 KiB) handed to the producer and not yet acknowledged."""
 RECOVERY_FORGET_EVERY = 5_000
 """Changelog records folded between two looks for finished signals during recovery."""
 INTAKE_EVERY_S = 0.25
