@@ -303,7 +303,9 @@ async def test_same_seed_gives_the_same_reports_across_runs(kafka: KafkaConfig) 
 async def test_offset_waits_for_all_reports_and_a_crash_redelivers_the_same_reports(
     kafka: KafkaConfig,
 ) -> None:
-    cfg = orch(kafka, latency_ms_min=400, latency_ms_max=500, partial_fill_probability=0.0)
+    # The fill comes well after the acknowledgement has been read and the commit checked, even
+    # on a slow machine: the crash must fall between the two reports.
+    cfg = orch(kafka, latency_ms_min=2000, latency_ms_max=2100, partial_fill_probability=0.0)
     topics = Topics(kafka.topic_prefix)
     group = cfg.venue.group_id
     stop, ready = asyncio.Event(), asyncio.Event()
