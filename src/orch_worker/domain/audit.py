@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import orjson
 from pydantic import JsonValue
@@ -39,7 +40,12 @@ class ChainHead:
 
 def event_hash(event: AuditEvent) -> str:
     """SHA-256 over the canonical JSON of the event without its own `hash`."""
-    return sha256_hex(canonical_json(event.model_dump(mode="json", exclude={"hash"})))
+    return _digest(event.model_dump(mode="json", exclude={"hash"}))
+
+
+def _digest(doc: dict[str, Any]) -> str:
+    """The hash of an event's JSON form without its `hash` field."""
+    return sha256_hex(canonical_json(doc))
 
 
 def chain(
@@ -75,7 +81,7 @@ def chain_json(
         )
         doc = unsigned.model_dump(mode="json")
         del doc["hash"]  # what `event_hash` covers
-        digest = sha256_hex(canonical_json(doc))
+        digest = _digest(doc)
         doc["hash"] = digest  # back in its place, the last field
         events.append(unsigned.model_copy(update={"hash": digest}))
         written.append(orjson.dumps(doc))

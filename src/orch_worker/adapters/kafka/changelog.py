@@ -107,12 +107,15 @@ class StateDumper:
     def __len__(self) -> int:
         return len(self._signals)
 
-    def __call__(self, st: SignalState) -> bytes:
-        sid = st.signal.signal_id
+    def _pieces(self, sid: str) -> _Pieces:
         pieces = self._signals.get(sid)
         if pieces is None:
             pieces = self._signals[sid] = _Pieces()
-        elif pieces.whole is not None and pieces.whole[0] is st:
+        return pieces
+
+    def __call__(self, st: SignalState) -> bytes:
+        pieces = self._pieces(st.signal.signal_id)
+        if pieces.whole is not None and pieces.whole[0] is st:
             return pieces.whole[1]
         signal = pieces.signal
         if signal is None or signal[0] is not st.signal:
@@ -150,9 +153,7 @@ class StateDumper:
         ):
             return None
         sid = st.signal.signal_id
-        pieces = self._signals.get(sid)
-        if pieces is None:
-            pieces = self._signals[sid] = _Pieces()
+        pieces = self._pieces(sid)
         old = before.intents
         changed = [
             b"[%d,%s]" % (k, self._intent(pieces, i))

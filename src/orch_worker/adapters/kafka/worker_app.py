@@ -230,10 +230,10 @@ class Worker:
         # Partition -> decision records written since its last snapshot.
         self._since_snapshot: dict[int, int] = {}
         self.recovery_starts: dict[int, int] = {}
+        """Where the last recovery began reading each partition (its newest snapshot)."""
         # Each held signal's JSON, by parts: a decision record or a snapshot serialises only
         # what changed since the signal was last written.
         self._dump_signal = StateDumper()
-        """Where the last recovery began reading each partition (its newest snapshot)."""
         # Decisions are taken synchronously (never interleaved) and published in that order.
         self.publisher = Publisher(
             self._publish_decisions, self._may_publish, on_take=self._capture_snapshots
@@ -1016,9 +1016,9 @@ class Worker:
         outbox = [OutRecord(t.order_intents, i.account_id, encode(i)) for i in d.intents]
         outbox += [OutRecord(t.execution_results, r.signal_id, encode(r)) for r in d.results]
         outbox += [OutRecord(t.interventions, i.signal_id, encode(i)) for i in d.interventions]
-        events = d.audit_json if len(d.audit_json) == len(d.audit) else map(encode, d.audit)
         outbox += [
-            OutRecord(t.audit, e.portfolio, raw) for e, raw in zip(d.audit, events, strict=True)
+            OutRecord(t.audit, e.portfolio, raw)
+            for e, raw in zip(d.audit, d.audit_json, strict=True)
         ]
         outbox_id = uuid.uuid4().hex
         partition = portfolio_partition(d.state.portfolio, self.n_partitions)
