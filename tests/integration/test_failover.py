@@ -141,19 +141,7 @@ async def test_a_lost_workers_portfolios_move_to_the_survivor(
             events = list(audit.values)
         assert {i["signal_id"] for i in intents.values} == {s.signal_id for s in signals}
         assert len(counts) == 2 * n, "every signal's two intents were released"
-        twice = {iid for iid, c in counts.items() if c > 1}
-        if fault == "kill":
-            assert not twice, "no intent was released twice"
-        else:
-            # The one window left: an order the frozen worker handed to its producer just
-            # before it froze goes out when it wakes, after the survivor released it again. It
-            # is the same order (same id and terms, only its timestamps differ), which the
-            # venue answers once: never a second, different order.
-            timing = {"scheduled_at", "released_at"}
-            for iid in twice:
-                copies = [i for i in intents.values if i["intent_id"] == iid]
-                terms = [{k: v for k, v in c.items() if k not in timing} for c in copies]
-                assert all(t == terms[0] for t in terms), f"{iid} released as different orders"
+        assert max(counts.values()) == 1, "no intent was released twice"
         by_id: dict[str, dict[str, Any]] = {}
         for e in events:
             first = by_id.setdefault(e["event_id"], e)

@@ -16,21 +16,45 @@ does not), so the worker fences itself:
   happened without it: what it holds in memory may be stale, and it is rebuilt from the
   changelog (see `Worker.take_ownership`).
 
-aiokafka has no public hook for heartbeats, so `attach` wraps two methods of the consumer's
-group coordinator. Should those change, `attach` returns False, the worker logs it, and acts
-as before (without the fence); the broker tests of this module fail first.
+The worker checks the lease before it hands a record to its producer, but the producer sends
+later, from its own task: a process frozen (SIGSTOP, swapped out, a VM paused) with records
+handed over and not yet sent would send them on waking, after the partitions' new owner had
+decided the same releases again. So `fence` checks the lease a second time at the wire, as the
+producer builds each produce request: batches of the decision topics that would leave without
+the lease fail with `LeaseFencedError` instead, and the worker rebuilds before deciding again.
+What is left is the few microseconds between that check and the socket write, in which no
+await can run.
+
+aiokafka has no public hook for heartbeats or for the produce request, so `attach` wraps two
+methods of the consumer's group coordinator and `fence` one of the producer's sender. Should
+those change, they return False, the worker logs it, and acts as before (without that fence);
+the broker tests of this module fail first.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
+from aiokafka.errors import KafkaError
+
+from orch_worker.adapters.kafka.publisher import LeaseLostError
+
 log = logging.getLogger("orch_worker.lease")
 
 NO_GENERATION = -1
+
+
+class LeaseFencedError(KafkaError, LeaseLostError):  # type: ignore[misc]  # aiokafka is untyped
+    """A batch of decision records the producer was about to send without the group lease.
+
+    A `KafkaError` that is not retriable, so aiokafka fails the batch's sends with it at once;
+    a `LeaseLostError`, so the worker treats it as the lease lost (rebuild, do not stop).
+    """
 
 
 class Lease:
@@ -50,20 +74,35 @@ class Lease:
         self.lapses = 0
         self._held_last = False
         self.join_sent_at: float | None = None
+        self.term_began = time.monotonic()
+        """When the membership the lease stands for last ended or was replaced, in the clock
+        of the producer's batches (`time.monotonic`): a batch begun before was handed over
+        for another membership."""
+        self._moved = asyncio.Event()
+        """Set by every renewal and new term: what a produce request held at the wire awaits."""
+        self.fenced_batches = 0
+        """Producer batches failed at the wire because the lease had run out (see `fence`)."""
 
     def renew(self, sent_at: float) -> None:
         """A heartbeat or join sent at `sent_at` succeeded."""
         self.until = max(self.until, sent_at + self.length_s)
         self.renewals += 1
+        self._moved.set()
 
     def joined(self) -> None:
         """The group assigned partitions in a join sent at `join_sent_at`."""
+        self._new_term()
         if self.join_sent_at is not None:
             self.renew(self.join_sent_at)
 
     def drop(self) -> None:
         """The coordinator no longer knows this member (or its generation)."""
+        self._new_term()
         self.until = float("-inf")
+
+    def _new_term(self) -> None:
+        self.term_began = time.monotonic()
+        self._moved.set()
 
     def held(self) -> bool:
         """True while no other member can have been given this member's partitions.
@@ -78,6 +117,24 @@ class Lease:
             log.warning("group lease ran out: deciding nothing until a heartbeat gets through")
         self._held_last = held
         return held
+
+    async def _wait_for_renewal(self) -> None:
+        """Wait for a late heartbeat of the same membership, which makes a batch safe to send.
+
+        The lease can run out while the loop is merely busy: the next heartbeat of the same
+        generation renews it, and nothing was decided elsewhere. A membership that ended
+        (heartbeat refused, a new join) never sends what it handed over before; nor does one
+        that stays silent for as long as a lease lasts.
+        """
+        began = self.term_began
+        give_up = self.clock() + self.length_s
+        while not self.held() and self.term_began == began:
+            left = give_up - self.clock()
+            if left <= 0:
+                return
+            self._moved.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._moved.wait(), left)
 
     def attach(self, consumer: Any) -> bool:
         """Follow the heartbeats and joins of `consumer`'s group coordinator."""
@@ -108,6 +165,56 @@ class Lease:
         coordinator._do_heartbeat = do_heartbeat
         coordinator._do_rejoin_group = do_rejoin_group
         self.attached = True
+        return True
+
+    def fence(self, producer: Any, topics: frozenset[str]) -> bool:
+        """Fail `producer`'s batches for `topics` that it would send while the lease is not held.
+
+        Runs as the sender starts a produce request: from the check to the socket write there
+        is no await (the connection is open, so `client.send` writes at once), so a process
+        frozen after the check has already handed its request to the kernel, which delivers
+        it while the process is stopped, before any other member can be given the partitions.
+        """
+        sender = getattr(producer, "_sender", None)
+        send = getattr(sender, "_send_produce_req", None)
+        in_flight = getattr(sender, "_in_flight", None)
+        muted = getattr(sender, "_muted_partitions", None)
+        if send is None or not isinstance(in_flight, set) or not isinstance(muted, set):
+            log.warning("cannot fence the producer (aiokafka changed?): no check at the wire")
+            return False
+        if getattr(send, "fenced_by", None) is self:
+            return True
+
+        async def send_produce_req(node_id: int, batches: dict[Any, Any]) -> None:
+            if any(tp.topic in topics for tp in batches):
+                if not self.held():
+                    await self._wait_for_renewal()
+                held = self.held()
+                stale = [
+                    tp
+                    for tp, batch in batches.items()
+                    if tp.topic in topics and (not held or batch._ctime < self.term_began)
+                ]
+                for tp in stale:
+                    batches.pop(tp).failure(
+                        exception=LeaseFencedError(
+                            f"group lease lost before {tp.topic}[{tp.partition}] was sent"
+                        )
+                    )
+                    muted.discard(tp)
+                    self.fenced_batches += 1
+                if stale:
+                    log.warning(
+                        "group lease lost with decision records unsent: %d batches not sent",
+                        len(stale),
+                    )
+                if not batches:
+                    in_flight.discard(node_id)
+                    return
+            await send(node_id, batches)  # no await between the checks above and the write
+
+        send_produce_req.fenced_by = self  # type: ignore[attr-defined]
+        sender._send_produce_req = send_produce_req  # type: ignore[union-attr]
         return True
 
 

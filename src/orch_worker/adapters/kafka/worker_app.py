@@ -155,6 +155,7 @@ class _Assigned(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: Any) -> None:
         w = self.worker
         w.lease.attach(w._decide_sub.consumer)
+        w.fence_producer()
         w.lease.joined()
         owned = {tp.partition for tp in assigned if tp.topic == w.topics.signals}
         w.rebalancing = True
@@ -243,6 +244,7 @@ class Worker:
         # that recovery is about to replace.
         self._ownership = asyncio.Lock()
         self.timers: TimerService[tuple[str, str]] = TimerService(clock)
+        self._producer_fenced = False
         self._broker_taken: dict[str, list[datetime]] = {}
         self._open_signals: set[str] = set()
         self._reserved: set[str] = set()
@@ -412,6 +414,20 @@ class Worker:
         nxt = self.timers.next_due()
         quiet = not backlog and (nxt is None or (nxt - self.clock()).total_seconds() > QUIET_S)
         self.heap.settle(quiet=quiet)
+
+    def fence_producer(self) -> None:
+        """Have the producer check the lease again as it sends decision records (lease.py)."""
+        if self._producer_fenced:
+            return
+        # FastStream keeps the aiokafka producer two wrappers deep; its in-memory test broker
+        # has none, and sends at once anyway.
+        fast = getattr(self.broker.config, "producer", None)
+        producer = getattr(getattr(fast, "_producer", None), "producer", None)
+        if producer is None:
+            return
+        t = self.topics
+        decisions = {t.changelog, t.order_intents, t.execution_results, t.interventions, t.audit}
+        self._producer_fenced = self.lease.fence(producer, frozenset(decisions))
 
     def _freeze(self) -> None:
         if self.heap is not None:
