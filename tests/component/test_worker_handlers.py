@@ -7,6 +7,7 @@ handler is fed records in memory and its publications are captured by in-memory 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
@@ -20,6 +21,7 @@ from orch_worker.adapters.kafka import worker_app
 from orch_worker.adapters.kafka.publisher import Batch
 from orch_worker.adapters.kafka.topics import Topics
 from orch_worker.adapters.kafka.worker_app import Worker
+from orch_worker.adapters.timers import TimerService
 from orch_worker.domain import decider
 from tests import factories as f
 
@@ -140,6 +142,55 @@ async def test_input_waits_no_longer_than_until_the_releases_fall_behind() -> No
     assert not waiting.done()
     assert await asyncio.wait_for(waiting, worker_app.RELEASES_FIRST_S * 2) is True
     assert worker.timers.firing
+
+
+async def test_input_is_not_begun_when_a_release_falls_due_before_it_would_be_decided() -> None:
+    """A record that takes about as long as the gap to the next release waits for that release
+    to be decided first; one that fits in the gap goes at once."""
+    worker, _, _ = _worker()
+    worker.clock = worker_app.utc_now
+    worker.timers = TimerService(worker.clock)
+    fired: list[float] = []
+
+    async def fire(due: list[tuple[str, str]]) -> None:
+        fired.append(time.perf_counter())
+
+    worker.timers.start(fire)
+    try:
+        worker.timers.add(worker.clock() + timedelta(seconds=10), "far", ("demo", "far"))
+        assert await asyncio.wait_for(worker._may_decide(0.001), 0.5) is True
+        worker.timers.clear()
+        worker.timers.add(worker.clock() + timedelta(milliseconds=20), "r", ("demo", "r"))
+        assert await asyncio.wait_for(worker._may_decide(0.03), 1) is True
+        decided_at = time.perf_counter()
+        assert fired, "the release went first"
+        assert fired[0] <= decided_at
+    finally:
+        await worker.timers.stop()
+
+
+async def test_input_waits_for_a_gap_no_longer_than_releases_first() -> None:
+    """Releases due back to back never leave a gap: input goes after RELEASES_FIRST_S anyway."""
+    worker, _, _ = _worker()
+    worker.clock = worker_app.utc_now
+    worker.timers.add(worker.clock() + timedelta(seconds=1), "far", ("demo", "far"))
+    started = time.perf_counter()
+    assert await asyncio.wait_for(worker._may_decide(5.0), 1) is True
+    waited = time.perf_counter() - started
+    assert worker_app.RELEASES_FIRST_S * 0.9 <= waited < worker_app.RELEASES_FIRST_S * 4
+
+
+async def test_input_waits_for_a_gap_no_longer_than_twice_its_own_cost() -> None:
+    """A record of a few milliseconds gets a third of a loop crowded with releases: it waits
+    at most INPUT_PATIENCE times its cost, not RELEASES_FIRST_S."""
+    worker, _, _ = _worker()
+    worker.clock = worker_app.utc_now
+    worker.timers.add(worker.clock() + timedelta(milliseconds=1), "soon", ("demo", "soon"))
+    cost = 0.015
+    started = time.perf_counter()
+    assert await asyncio.wait_for(worker._may_decide(cost), 1) is True
+    waited = time.perf_counter() - started
+    assert worker_app.INPUT_PATIENCE * cost * 0.9 <= waited < worker_app.RELEASES_FIRST_S
 
 
 async def test_a_release_due_while_publishing_waits_for_one_record_not_a_stretch() -> None:

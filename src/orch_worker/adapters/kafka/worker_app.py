@@ -100,7 +100,17 @@ SEND_SLICE_S = 0.002
 """Longest stretch of handing records to the producer before the loop gets a turn; a release
 that falls due within it gets a turn after the record being handed over."""
 RELEASES_FIRST_S = 0.05
-"""Due releases go before input until the oldest is this late; then they take turns."""
+"""Due releases go before input until the oldest is this late; then they take turns. Input
+also waits at most this long for a gap between releases long enough to decide its next record."""
+COST_WEIGHT = 0.2
+"""Weight of the newest record in a topic's running average of deciding time."""
+COST_MARGIN = 1.5
+"""An input record is begun only with this many times its topic's average before the next
+release: deciding times vary, and one that overruns makes the release late."""
+INPUT_PATIENCE = 2.0
+"""Input waits for such a gap at most this many times its record's cost (and never past
+RELEASES_FIRST_S): with releases due back to back, input still gets a third of the loop, and a
+release is late by at most one record."""
 SNAPSHOT_SPACING = 4
 """At least this many decisions per signal held between two snapshots of a partition. A
 snapshot writes every signal whole, a decision mostly a patch of one: so a snapshot costs under
@@ -245,6 +255,8 @@ class Worker:
         self._ownership = asyncio.Lock()
         self.timers: TimerService[tuple[str, str]] = TimerService(clock)
         self._producer_fenced = False
+        # Input topic -> running average of the seconds one record takes to decide.
+        self._costs: dict[str, float] = {}
         self._broker_taken: dict[str, list[datetime]] = {}
         self._open_signals: set[str] = set()
         self._reserved: set[str] = set()
@@ -794,7 +806,7 @@ class Worker:
         # hold releases back. A crash before the ack redelivers the batch, and the decided part
         # dedupes as duplicates.
         while done < len(records):
-            if not await self._may_decide():
+            if not await self._may_decide(self._cost(records[done].topic)):
                 return
             async with self._ownership:  # no await inside: a slice is decided in one go
                 if self.failed.is_set() or self.stopping:
@@ -803,14 +815,20 @@ class Worker:
                     continue
                 batch = Batch()
                 chunk_started = time.perf_counter()
+                begun = done
                 while done < len(records):
                     rec = records[done]
+                    if done > begun and not self._gap_for(self._cost(rec.topic)):
+                        break  # a release falls due first: it goes, this record waits
                     done += 1
                     if rec.partition not in self.owned:
                         continue  # its partition moved on in a rebalance: its new owner reads it
                     self.metrics.consumed.labels(rec.topic).inc()
+                    began = time.perf_counter()
                     self._decide(rec, batch)
-                    if time.perf_counter() - chunk_started > CHUNK_S:
+                    ended = time.perf_counter()
+                    self._learn_cost(rec.topic, ended - began)
+                    if ended - chunk_started > CHUNK_S:
                         break
                 last = self._submit(batch)
             self._freeze()
@@ -829,26 +847,50 @@ class Worker:
         self.metrics.open_signals.set(len(self._open_signals))
         self.metrics.pending_releases.set(len(self.timers))
 
-    async def _may_decide(self) -> bool:
-        """Wait for a turn to decide input; False once nothing more may be decided.
+    async def _may_decide(self, cost_s: float = 0.0) -> bool:
+        """Wait for a turn to decide input that takes about `cost_s`; False once nothing more
+        may be decided.
 
         Nothing is decided while partitions change hands or another worker may own them.
         Due releases go first while they keep up: input waits for the timers being decided,
-        unless the oldest of them is already RELEASES_FIRST_S late. Past that the process is
-        overloaded and the two take turns, slice by slice, so reports are never starved by a
-        backlog of releases (a report held back past its order's acknowledgement timeout would
+        and for a gap before the next release long enough for its record, unless the oldest
+        due release is already RELEASES_FIRST_S late or input has waited INPUT_PATIENCE times
+        its record's cost. Past that
+        the process is overloaded and the two take turns, slice by slice, so reports are never
+        starved by releases (a report held back past its order's acknowledgement timeout would
         turn an answered order into an unknown outcome); the intake then holds new signals
         back until the timers catch up."""
-        if self.timers.firing:
-            wait_s = RELEASES_FIRST_S - self.timers.behind_s(self.clock())
-            if wait_s > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.timers.wait_idle(), wait_s)
+        waiting_since = time.perf_counter()
+        patience = min(RELEASES_FIRST_S, INPUT_PATIENCE * cost_s)
+        while True:
+            if self.timers.firing:
+                wait_s = RELEASES_FIRST_S - self.timers.behind_s(self.clock())
+                if wait_s > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.timers.wait_idle(), wait_s)
+            gap = self.timers.until_due(self.clock())
+            waited = time.perf_counter() - waiting_since
+            if gap >= cost_s or waited >= patience or -gap >= RELEASES_FIRST_S:
+                break
+            # The release falls due within the record's time: let it go first.
+            await asyncio.sleep(max(0.0, min(gap, patience - waited)))
         while self.rebalancing or not self.lease.held():
             if self.failed.is_set() or self.stopping:
                 return False
             await asyncio.sleep(LEASE_POLL_S)
         return True
+
+    def _cost(self, topic: str) -> float:
+        """About how long a record of `topic` takes to decide, with a margin (0 until known)."""
+        return self._costs.get(topic, 0.0) * COST_MARGIN
+
+    def _learn_cost(self, topic: str, took_s: float) -> None:
+        known = self._costs.get(topic)
+        self._costs[topic] = took_s if known is None else known + COST_WEIGHT * (took_s - known)
+
+    def _gap_for(self, cost_s: float) -> bool:
+        """No release falls due within the next `cost_s`."""
+        return self.timers.until_due(self.clock()) >= cost_s
 
     def _release_waits(self) -> bool:
         """A release fell due and waits for its first turn: it goes after the record being
