@@ -40,10 +40,14 @@ def _lease(clock: Clock) -> Lease:
     return lease
 
 
-async def _producer(kafka: KafkaConfig, lease: Lease, fenced: str) -> AIOKafkaProducer:
+async def _producer(
+    kafka: KafkaConfig, lease: Lease, fenced: str, counted: list[int] | None = None
+) -> AIOKafkaProducer:
     producer = AIOKafkaProducer(**{**producer_kwargs(kafka), "linger_ms": LINGER_MS})
     await producer.start()
-    assert lease.fence(producer, frozenset({fenced}))
+    assert lease.fence(
+        producer, frozenset({fenced}), (counted if counted is not None else []).append
+    )
     return producer
 
 
@@ -76,7 +80,8 @@ async def test_records_handed_over_before_a_new_join_are_never_sent(kafka: Kafka
     t = Topics(kafka.topic_prefix)
     clock = Clock()
     lease = _lease(clock)
-    producer = await _producer(kafka, lease, t.order_intents)
+    counted: list[int] = []
+    producer = await _producer(kafka, lease, t.order_intents, counted)
     try:
         stale = await _send(producer, t.order_intents, b"handed-over-before-the-join")
         other = await _send(producer, t.dead_letter, b"not-a-decision")
@@ -94,6 +99,7 @@ async def test_records_handed_over_before_a_new_join_are_never_sent(kafka: Kafka
     assert await _values(kafka, t.order_intents) == [b"handed-over-after-the-join"]
     assert await _values(kafka, t.dead_letter) == [b"not-a-decision"]
     assert lease.fenced_batches == 1
+    assert counted == [1], "the worker's metric hears of every fenced batch"
 
 
 async def test_a_lease_that_ran_out_waits_for_a_heartbeat_of_the_same_membership(

@@ -28,6 +28,7 @@ class Metrics:
     owned_partitions: Gauge
     full_gc: Histogram
     forgotten: Counter
+    fenced_batches: Counter
     signals_paused: Gauge
     signal_pauses: Counter
 
@@ -89,6 +90,13 @@ class Metrics:
             forgotten=Counter(
                 "forgotten_signals",
                 "Finished signals let go from memory after lingering",
+                namespace=ns,
+                registry=r,
+            ),
+            fenced_batches=Counter(
+                "lease_fenced_batches",
+                "Producer batches of decision records not sent: the group lease had ended "
+                "between handing them over and the send (a frozen or cut-off worker woke)",
                 namespace=ns,
                 registry=r,
             ),

@@ -167,7 +167,12 @@ class Lease:
         self.attached = True
         return True
 
-    def fence(self, producer: Any, topics: frozenset[str]) -> bool:
+    def fence(
+        self,
+        producer: Any,
+        topics: frozenset[str],
+        on_fenced: Callable[[int], None] = lambda batches: None,
+    ) -> bool:
         """Fail `producer`'s batches for `topics` that it would send while the lease is not held.
 
         Runs as the sender starts a produce request: from the check to the socket write there
@@ -204,6 +209,7 @@ class Lease:
                     muted.discard(tp)
                     self.fenced_batches += 1
                 if stale:
+                    on_fenced(len(stale))
                     log.warning(
                         "group lease lost with decision records unsent: %d batches not sent",
                         len(stale),

@@ -439,7 +439,9 @@ class Worker:
             return
         t = self.topics
         decisions = {t.changelog, t.order_intents, t.execution_results, t.interventions, t.audit}
-        self._producer_fenced = self.lease.fence(producer, frozenset(decisions))
+        self._producer_fenced = self.lease.fence(
+            producer, frozenset(decisions), self.metrics.fenced_batches.inc
+        )
 
     def _freeze(self) -> None:
         if self.heap is not None:
