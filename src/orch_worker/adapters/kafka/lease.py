@@ -211,8 +211,8 @@ class Lease:
                 if stale:
                     on_fenced(len(stale))
                     log.warning(
-                        "group lease lost with decision records unsent: %d batches not sent",
-                        len(stale),
+                        "group lease lost with decision records unsent: not sending %s",
+                        ", ".join(f"{tp.topic}[{tp.partition}]" for tp in stale),
                     )
                 if not batches:
                     in_flight.discard(node_id)
