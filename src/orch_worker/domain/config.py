@@ -60,9 +60,12 @@ class KafkaConfig(Section):
     ssl_keyfile: str | None = None
     max_message_bytes: int = Field(default=1_048_576, ge=1024)
     compression: Literal["none"] | Codec = Field(
-        default="lz4",
+        default="zstd",
         description="producer compression: decisions are JSON states several KiB large that "
-        "compress several-fold, which cuts broker storage and network; lz4 costs least CPU",
+        "compress several-fold, which cuts broker storage and network. zstd (aiokafka: level "
+        "3) by default: on the worker's records it took a quarter of the CPU of aiokafka's "
+        "lz4, which compresses at level 9, and packed twice as tight; compressing a request "
+        "holds the producer's event loop, and with it any release falling due",
     )
     fetch_max_wait_ms: int | None = Field(
         default=None,
