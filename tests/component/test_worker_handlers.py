@@ -113,6 +113,36 @@ async def test_many_due_timers_are_decided_in_slices_that_let_the_loop_run(
     assert not worker.failed.is_set()
 
 
+@pytest.mark.parametrize("falls_due_meanwhile", [True, False])
+async def test_a_timer_falling_due_while_a_slice_decides_goes_in_that_slice(
+    falls_due_meanwhile: bool,
+) -> None:
+    """Taken at its own time, not after the slice and every task the loop has ready; one not
+    yet due stays with the timer service."""
+    now = [f.NOW]
+    worker, _, _ = _worker()
+    worker.clock = lambda: now[0]
+    async with TestKafkaBroker(worker.broker):
+        batch = Batch()
+        for k, sid in enumerate(("first", "second")):
+            now[0] = f.NOW + timedelta(milliseconds=10 * k)
+            pf = worker._portfolio("demo")
+            d = decider.on_signal(pf, f.signal(sid), worker._context(now[0]))
+            worker._apply("signal", d, batch, None)
+        await worker._submit(batch)
+        due = sorted(d for d, *_ in worker.timers._heap)
+        first, second = due[0], next(d for d in due if d > due[0])
+        worker.timers.take_due(first)  # as the timer service hands them to `_fire`
+        reads = iter([first])
+        later = second if falls_due_meanwhile else second - timedelta(microseconds=1)
+        worker.clock = lambda: next(reads, later)
+        await worker._fire([("demo", "first")])
+        await worker.drain()
+    decided = worker.metrics.outcomes.labels("timer", "timers")._value.get()
+    assert decided == (2 if falls_due_meanwhile else 1)
+    assert (worker.timers.next_due() == second) is not falls_due_meanwhile
+
+
 async def test_input_waits_for_due_releases_only_while_they_keep_up() -> None:
     """Releases first, but a backlog past RELEASES_FIRST_S must not starve reports: then input
     and releases take turns."""

@@ -63,3 +63,21 @@ async def test_timers_being_decided_count_until_the_callback_returns() -> None:
         assert not timers.firing
     finally:
         await timers.stop()
+
+
+def test_take_due_hands_over_only_what_is_due_earliest_first() -> None:
+    """What the callback takes while deciding: due timers leave the service (their keys may be
+    armed again), later ones stay for the service's own wake-up."""
+    timers: TimerService[str] = TimerService(Clock())
+    timers.add(T0 + timedelta(milliseconds=30), "c", "c")
+    timers.add(T0 + timedelta(milliseconds=10), "a", "a")
+    timers.add(T0 + timedelta(milliseconds=20), "b", "b")
+    assert timers.take_due(T0) == []
+    assert timers.take_due(T0 + timedelta(milliseconds=20)) == ["a", "b"]
+    assert len(timers) == 1
+    assert timers.take_due(T0 + timedelta(milliseconds=29)) == []
+    assert timers.next_due() == T0 + timedelta(milliseconds=30)
+    timers.add(T0 + timedelta(milliseconds=40), "a", "a again")
+    assert "a" in timers
+    assert timers.take_due(T0 + timedelta(seconds=1)) == ["c", "a again"]
+    assert len(timers) == 0

@@ -80,6 +80,21 @@ class TimerService(Generic[P]):
             oldest = self._heap[0][0]
         return max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0
 
+    def take_due(self, now: datetime) -> list[P]:
+        """Remove and return every payload due at `now`, earliest first.
+
+        The callback calls this too, for timers that fell due while it was deciding the ones
+        it was handed: they go in the same slice, rather than after it and whatever else is
+        waiting for the loop.
+        """
+        due: list[P] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, _, key, payload = heapq.heappop(heap)
+            self._keys.discard(key)
+            due.append(payload)
+        return due
+
     def clear(self) -> None:
         """Forget every pending timer (the owner re-adds what it still needs)."""
         self._heap.clear()
@@ -110,14 +125,9 @@ class TimerService(Generic[P]):
             if delay > 0:
                 await asyncio.sleep(0)
                 continue
-            now = self._clock()
-            due: list[P] = []
             self._firing = self._heap[0][0]
             self._idle.clear()
-            while self._heap and self._heap[0][0] <= now:
-                _, _, key, payload = heapq.heappop(self._heap)
-                self._keys.discard(key)
-                due.append(payload)
+            due = self.take_due(self._clock())
             try:
                 await fire(due)
             except Exception:

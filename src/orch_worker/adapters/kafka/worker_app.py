@@ -1197,7 +1197,16 @@ class Worker:
             ctx = self._context(self.clock())
             batch = Batch()
             started = time.perf_counter()
-            while done < len(pending):
+            while True:
+                if done == len(pending):
+                    # Timers that fell due meanwhile go in this slice, decided at their own
+                    # time: after it they would wait behind every task the loop has ready.
+                    now = self.clock()
+                    fresh = self.timers.take_due(now)
+                    if not fresh:
+                        break
+                    pending.extend(dict.fromkeys(fresh))
+                    ctx = self._context(now)
                 portfolio, sid = pending[done]
                 done += 1
                 pf = self.portfolios.get(portfolio)
