@@ -225,14 +225,18 @@ async def test_input_waits_for_a_gap_no_longer_than_twice_its_own_cost() -> None
 
 async def test_a_release_due_while_publishing_waits_for_one_record_not_a_stretch() -> None:
     """The publisher hands records over in stretches; a release that falls due meanwhile gets
-    the next turn, unless due timers are already being decided (then they take turns)."""
+    the next turn, also while due timers are being decided, unless those are already behind
+    (then the two take turns)."""
     worker, _, _ = _worker()
     assert not worker._release_waits()
     worker.timers.add(f.NOW + timedelta(milliseconds=5), "soon", ("demo", "soon"))
     assert not worker._release_waits()
     worker.timers.add(f.NOW, "due", ("demo", "due"))
     assert worker._release_waits()
-    worker.timers._idle.clear()  # being decided
+    worker.timers._idle.clear()  # being decided, and keeping up
+    assert worker._release_waits()
+    late = worker_app.RELEASES_FIRST_S + 0.01
+    worker.timers._firing = f.NOW - timedelta(seconds=late)  # a backlog being decided
     assert not worker._release_waits()
 
 

@@ -896,9 +896,13 @@ class Worker:
 
     def _release_waits(self) -> bool:
         """A release fell due and waits for its first turn: it goes after the record being
-        handed over, not after the stretch. (While due timers are being decided, publishing and
-        deciding take turns by the stretch instead, or a backlog would starve the publisher.)"""
-        return not self.timers.firing and self.timers.until_due(self.clock()) <= 0
+        handed over, not after the stretch. That holds while due timers are being decided too,
+        as long as they keep up; once the oldest is RELEASES_FIRST_S late, publishing and
+        deciding take turns by the stretch, or a backlog would starve the publisher."""
+        now = self.clock()
+        if self.timers.until_due(now) > 0:
+            return False
+        return not self.timers.firing or self.timers.behind_s(now) < RELEASES_FIRST_S
 
     def _submit(self, batch: Batch) -> asyncio.Future[None]:
         return self.publisher.submit(batch)
