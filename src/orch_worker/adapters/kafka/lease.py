@@ -80,8 +80,6 @@ class Lease:
         for another membership."""
         self._moved = asyncio.Event()
         """Set by every renewal and new term: what a produce request held at the wire awaits."""
-        self.fenced_batches = 0
-        """Producer batches failed at the wire because the lease had run out (see `fence`)."""
 
     def renew(self, sent_at: float) -> None:
         """A heartbeat or join sent at `sent_at` succeeded."""
@@ -173,7 +171,8 @@ class Lease:
         topics: frozenset[str],
         on_fenced: Callable[[int], None] = lambda batches: None,
     ) -> bool:
-        """Fail `producer`'s batches for `topics` that it would send while the lease is not held.
+        """Fail `producer`'s batches for `topics` that it would send while the lease is not held,
+        telling `on_fenced` how many each time (the worker counts them in a metric).
 
         Runs as the sender starts a produce request: from the check to the socket write there
         is no await (the connection is open, so `client.send` writes at once), so a process
@@ -207,7 +206,6 @@ class Lease:
                         )
                     )
                     muted.discard(tp)
-                    self.fenced_batches += 1
                 if stale:
                     on_fenced(len(stale))
                     log.warning(
