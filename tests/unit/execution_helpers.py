@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -21,6 +21,7 @@ from orch_worker.domain.models import (
     AccountState,
     AuditEvent,
     ExecutionReport,
+    ExecutionResult,
     IntentKind,
     Intervention,
     OrderIntent,
@@ -94,6 +95,14 @@ class Run:
         return self
 
     def keep(self, d: Decision) -> Decision:
+        for r in d.results:  # built without validation: it must be what validation gives
+            assert r == ExecutionResult.model_validate(r.model_dump()), r
+            assert (
+                r.model_dump_json()
+                == ExecutionResult.model_validate_json(r.model_dump_json()).model_dump_json()
+            )
+            assert type(r.status) is ResultStatus
+            assert r.updated_at.tzinfo is UTC
         self.pf = d.state
         self.decisions.append(d)
         return d

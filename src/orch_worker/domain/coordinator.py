@@ -16,12 +16,12 @@ position) and flagged, never hidden.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
+from orch_worker.domain.immutable import Immutable
 from orch_worker.domain.interventions import InterventionState
 from orch_worker.domain.models import (
     ExecutionReport,
@@ -213,8 +213,8 @@ class CancelPurpose(StrEnum):
     """A control command asked; nothing follows."""
 
 
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class Frozen(Immutable):
+    """The coordinator's state models: immutable, so a decision returns new state."""
 
 
 class IntentState(Frozen):
@@ -497,48 +497,64 @@ def _requested(i: IntentState, by_id: dict[str, IntentState]) -> Decimal:
     return i.intent.quantity - parent.remaining
 
 
-def build_result(state: SignalState, now_seq: int, updated_at: object) -> ExecutionResult:
-    """The ExecutionResult for the state as it is, with quantity-weighted average prices."""
-    lines: list[ResultLine] = []
+def build_result(state: SignalState, now_seq: int, updated_at: datetime) -> ExecutionResult:
+    """The ExecutionResult for the state as it is, with quantity-weighted average prices.
+
+    Built without validation: every value comes from validated state or is computed here in the
+    model's own types (a UTC `updated_at`, non-negative quantised amounts), and a release builds
+    one, which validating made a third of its decision. `result_fields` is the same content as
+    a dict, which tests validate against the model to hold the two equal.
+    """
+    fields = result_fields(state, now_seq, updated_at)
+    fields["lines"] = tuple(map(ResultLine.assemble, fields["lines"]))
+    return ExecutionResult.assemble(fields)
+
+
+def result_fields(state: SignalState, now_seq: int, updated_at: datetime) -> dict[str, Any]:
+    """The fields of `build_result`'s ExecutionResult, each line as a dict of its fields."""
+    lines: list[dict[str, Any]] = []
     by_id = {i.intent.intent_id: i for i in state.intents}
     by_account: dict[str, list[IntentState]] = {}
     for i in state.intents:
         by_account.setdefault(i.intent.account_id, []).append(i)
+    zero = Decimal(0)
+    filled_total = notional_total = zero
     for account in sorted(by_account):
         mine = by_account[account]
-        filled = sum((i.filled for i in mine), start=Decimal(0))
-        notional = sum((i.notional for i in mine), start=Decimal(0))
-        requested = sum(
-            (_requested(i, by_id) for i in mine if i.intent.kind is not IntentKind.CANCEL),
-            start=Decimal(0),
-        )
+        filled = notional = requested = zero
+        for i in mine:
+            filled += i.filled
+            notional += i.notional
+            if i.intent.kind is not IntentKind.CANCEL:
+                requested += _requested(i, by_id)
+        filled_total += filled
+        notional_total += notional
         lines.append(
-            ResultLine(
-                account_id=account,
-                requested=max(requested, Decimal(0)),
-                filled=filled,
-                avg_price=(notional / filled).quantize(Decimal("1e-8")) if filled else None,
-                status=mine[-1].status.value,
-                attempts=len(mine),
-            )
+            {
+                "account_id": account,
+                "requested": max(requested, zero),
+                "filled": filled,
+                "avg_price": (notional / filled).quantize(_PRICE_STEP) if filled else None,
+                "status": mine[-1].status.value,
+                "attempts": len(mine),
+            }
         )
-    filled_total = sum((ln.filled for ln in lines), start=Decimal(0))
-    notional_total = sum((i.notional for i in state.intents), start=Decimal(0))
-    return ExecutionResult.model_validate(
-        {
-            "signal_id": state.signal.signal_id,
-            "portfolio": state.signal.portfolio,
-            "status": state.status,
-            "seq": now_seq,
-            "lines": tuple(lines),
-            "requested_total": state.plan.planned_total
-            if state.plan.allocations
-            else state.plan.requested,
-            "filled_total": filled_total,
-            "avg_price": (notional_total / filled_total).quantize(Decimal("1e-8"))
-            if filled_total
-            else None,
-            "reason": state.reason,
-            "updated_at": updated_at,
-        }
-    )
+    return {
+        "signal_id": state.signal.signal_id,
+        "portfolio": state.signal.portfolio,
+        "status": state.status,
+        "seq": now_seq,
+        "lines": lines,
+        "requested_total": state.plan.planned_total
+        if state.plan.allocations
+        else state.plan.requested,
+        "filled_total": filled_total,
+        "avg_price": (notional_total / filled_total).quantize(_PRICE_STEP)
+        if filled_total
+        else None,
+        "reason": state.reason,
+        "updated_at": updated_at.astimezone(UTC),
+    }
+
+
+_PRICE_STEP = Decimal("1e-8")

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from pydantic import BaseModel, ConfigDict
-
 from orch_worker.domain import ids
+from orch_worker.domain.immutable import Immutable
 from orch_worker.domain.models import Intervention, InterventionAction
 
 A = InterventionAction
@@ -50,10 +49,8 @@ def default_action(reason_code: str, configured: str) -> InterventionAction:
     return action
 
 
-class InterventionState(BaseModel):
+class InterventionState(Immutable):
     """An intervention and what became of it (kept in the signal's state)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     intervention: Intervention
     open: bool = True

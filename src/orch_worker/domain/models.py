@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from orch_worker.domain.immutable import Immutable
 from orch_worker.domain.types import (
     SCHEMA_VERSION,
     Amount,
@@ -25,7 +26,7 @@ from orch_worker.domain.types import (
 )
 
 
-class Event(BaseModel):
+class Event(Immutable):
     """Base of every event: frozen, strict about unknown keys, versioned."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)

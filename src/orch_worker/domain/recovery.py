@@ -19,10 +19,9 @@ from datetime import time as dtime
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict
-
 from orch_worker.domain.config import ExecutionConfig, InstrumentConfig
 from orch_worker.domain.ids import seed_for
+from orch_worker.domain.immutable import Immutable
 from orch_worker.domain.models import OrderIntent, ReasonCode, Side, Signal
 from orch_worker.domain.timewindows import parse_windows
 
@@ -79,10 +78,8 @@ def backoff_s(signal_id: str, account_id: str, attempt: int, base_s: float, cap_
     return round(rng.uniform(0.0, ceiling), 6)
 
 
-class AccountHealth(BaseModel):
+class AccountHealth(Immutable):
     """One account's recent failures and rests, kept per portfolio in the worker's state."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     failures: tuple[datetime, ...] = ()
     """Failure times inside the breaker window (older ones are dropped)."""
