@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
@@ -31,6 +32,16 @@ class Metrics:
     fenced_batches: Counter
     signals_paused: Gauge
     signal_pauses: Counter
+    _children: dict[tuple[int, tuple[str, ...]], Any] = field(default_factory=dict, repr=False)
+
+    def count(self, metric: Counter, *labels: str) -> None:
+        """`metric.labels(*labels).inc()`, with the labelled child remembered: `labels` checks
+        its arguments and takes a lock on every call, and a release counts five things."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        child.inc()
 
     @classmethod
     def create(cls, role: str) -> Metrics:

@@ -14,6 +14,7 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+from aiokafka.partitioner import DefaultPartitioner, murmur2
 
 from orch_worker.adapters.kafka.topics import Topics
 from orch_worker.domain.config import KafkaConfig
@@ -37,8 +38,34 @@ def security_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
     return kw
 
 
+class KeyHashPartitioner:
+    """Kafka's default partitioning (murmur2 of the key), with each key's hash remembered.
+
+    aiokafka's murmur2 is pure Python, a few microseconds a key, and a worker sends the same
+    few portfolio and signal ids again and again: five times per release. A keyless record
+    goes where aiokafka's default partitioner would send it.
+    """
+
+    LIMIT = 65_536
+    """Hashes kept; the memo is emptied when full and refills with the keys in use."""
+
+    def __init__(self) -> None:
+        self._hashes: dict[bytes, int] = {}
+
+    def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+        if key is None:
+            return int(DefaultPartitioner()(key, all_partitions, available))
+        h = self._hashes.get(key)
+        if h is None:
+            if len(self._hashes) >= self.LIMIT:
+                self._hashes.clear()
+            h = self._hashes[key] = murmur2(key) & 0x7FFFFFFF
+        return all_partitions[h % len(all_partitions)]
+
+
 def producer_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
     return {
+        "partitioner": KeyHashPartitioner(),
         "bootstrap_servers": cfg.bootstrap,
         "acks": "all",
         "enable_idempotence": cfg.idempotence,
