@@ -64,6 +64,7 @@ from orch_worker.adapters.kafka.routing import (
     source,
 )
 from orch_worker.adapters.kafka.topics import Topics
+from orch_worker.adapters.kafka.wire import build_off_loop
 from orch_worker.adapters.metrics import Metrics
 from orch_worker.adapters.timers import TimerService
 from orch_worker.domain import control_auth, decider
@@ -440,7 +441,8 @@ class Worker:
         return producer if isinstance(producer, AIOKafkaProducer) else None
 
     def fence_producer(self) -> None:
-        """Have the producer check the lease again as it sends decision records (lease.py)."""
+        """Have the producer check the lease again as it sends decision records (lease.py) and
+        build large requests off the loop (wire.py)."""
         if self._producer_fenced:
             return
         producer = self._aiokafka_producer()
@@ -451,6 +453,7 @@ class Worker:
         self._producer_fenced = self.lease.fence(
             producer, frozenset(decisions), self.metrics.fenced_batches.inc
         )
+        build_off_loop(producer)  # around the fence, whose checks stay next to the write
 
     def _freeze(self) -> None:
         if self.heap is not None:
