@@ -153,3 +153,24 @@ async def test_a_membership_that_ended_sends_nothing_it_handed_over(
         await within(producer.stop(), STOP_S, "stopping the producer")
     assert await _values(kafka, t.order_intents) == []
     assert counted == [1]
+
+
+async def test_a_stopping_worker_does_not_wait_at_the_wire_for_its_lease(
+    kafka: KafkaConfig,
+) -> None:
+    """Stopping with the lease out: the held batch fails at once, not a lease length later
+    (what a crash would do; the changelog never got it and the next owner decides again)."""
+    t = Topics(kafka.topic_prefix)
+    clock = Clock()
+    lease = _lease(clock)
+    counted: list[int] = []
+    producer = await _producer(kafka, lease, t.order_intents, counted)
+    try:
+        fut = await _held_at_the_wire(producer, lease, clock, t.order_intents, b"never-sent")
+        lease.stop_waiting()
+        with pytest.raises(LeaseFencedError):
+            await asyncio.wait_for(fut, lease.length_s / 4)
+        assert counted == [1]
+    finally:
+        await within(producer.stop(), STOP_S, "stopping the producer")
+    assert await _values(kafka, t.order_intents) == []

@@ -80,6 +80,7 @@ class Lease:
         for another membership."""
         self._moved = asyncio.Event()
         """Set by every renewal and new term: what a produce request held at the wire awaits."""
+        self._stopping = False
 
     def renew(self, sent_at: float) -> None:
         """A heartbeat or join sent at `sent_at` succeeded."""
@@ -100,6 +101,17 @@ class Lease:
 
     def _new_term(self) -> None:
         self.term_began = time.monotonic()
+        self._moved.set()
+
+    def stop_waiting(self) -> None:
+        """The process is stopping: what waits at the wire for a late heartbeat fails now.
+
+        Without this a worker stopped while its lease was out took up to a lease length to
+        close its producer, for batches that then failed anyway unless a heartbeat came. Failing
+        them at once is what a crash would do, which recovery already handles: the changelog
+        never got them, the input is not committed, and the next owner decides it again.
+        """
+        self._stopping = True
         self._moved.set()
 
     def held(self) -> bool:
@@ -126,7 +138,7 @@ class Lease:
         """
         began = self.term_began
         give_up = self.clock() + self.length_s
-        while not self.held() and self.term_began == began:
+        while not self.held() and self.term_began == began and not self._stopping:
             left = give_up - self.clock()
             if left <= 0:
                 return

@@ -357,6 +357,7 @@ class Worker:
         # whichever worker runs next, and a publish cut short by the closing producer is
         # not a failure.
         self.stopping = True
+        self.lease.stop_waiting()  # as `_may_publish` does not wait for the lease from here
         await self.stop_taking_ownership()
         await self._stop_intake()
         await self.timers.stop()
