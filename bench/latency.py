@@ -295,7 +295,14 @@ def worker_config(cfg: KafkaConfig, run_id: str) -> OrchConfig:
     return OrchConfig.model_validate(
         {
             "kafka": cfg,
-            "worker": {"group_id": f"bench-worker-{run_id}", "http_port": 0},
+            # No venue answers here, so every signal stays open: the latency samples and the
+            # burst together pass the default `max_open_signals` (2,000), and the worker would
+            # rightly hold the rest of the burst in Kafka until the first ones time out.
+            "worker": {
+                "group_id": f"bench-worker-{run_id}",
+                "http_port": 0,
+                "max_open_signals": WARMUP + SAMPLES + WORKER_BURST,  # every signal of the run
+            },
             "instruments": {
                 "EURUSD": {
                     "value_per_unit": "100000",
