@@ -11,12 +11,30 @@ name the model does not have, where pydantic would put it in `__dict__` silently
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 from pydantic_core import PydanticUndefined
 
 _set = object.__setattr__
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def instance(
+    cls: type[_M],
+    values: dict[str, Any],
+    fields_set: set[str],
+    private: dict[str, Any] | None = None,
+) -> _M:
+    """A `cls` holding `values` as its fields, nothing validated or copied: what pydantic's
+    `model_construct` ends with, without its per-field loop. The core's trusted builders (and
+    the copies below) all come down to this."""
+    new = cls.__new__(cls)
+    _set(new, "__dict__", values)
+    _set(new, "__pydantic_fields_set__", fields_set)
+    _set(new, "__pydantic_extra__", None)
+    _set(new, "__pydantic_private__", private)
+    return new
 
 
 class Immutable(BaseModel):
@@ -46,31 +64,21 @@ class Immutable(BaseModel):
             missing = names.keys() - fields.keys() - defaults.keys()
             unknown = fields.keys() - names.keys()
             raise TypeError(f"{cls.__name__}: missing {sorted(missing)}, unknown {sorted(unknown)}")
-        new = cls.__new__(cls)
-        _set(new, "__dict__", values)
-        _set(new, "__pydantic_fields_set__", set(fields))
-        _set(new, "__pydantic_extra__", None)
-        _set(new, "__pydantic_private__", None)
-        return new
+        return instance(cls, values, set(fields))
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
         """A copy with `update` applied, not validated (as pydantic's); deep copies are its."""
         if deep or self.__pydantic_private__ is not None:
             return super().model_copy(update=update, deep=deep)
         cls = type(self)
-        new = cls.__new__(cls)
-        if update:
-            unknown = update.keys() - cls.__pydantic_fields__.keys()
-            if unknown:
-                raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")
-            _set(new, "__dict__", {**self.__dict__, **update})
-            _set(new, "__pydantic_fields_set__", self.__pydantic_fields_set__ | update.keys())
-        else:
-            _set(new, "__dict__", dict(self.__dict__))
-            _set(new, "__pydantic_fields_set__", set(self.__pydantic_fields_set__))
-        _set(new, "__pydantic_extra__", None)
-        _set(new, "__pydantic_private__", None)
-        return new
+        if not update:
+            return instance(cls, dict(self.__dict__), set(self.__pydantic_fields_set__))
+        unknown = update.keys() - cls.__pydantic_fields__.keys()
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")
+        return instance(
+            cls, {**self.__dict__, **update}, self.__pydantic_fields_set__ | update.keys()
+        )
 
 
 _defaults: dict[type[Immutable], dict[str, Any]] = {}

@@ -23,10 +23,10 @@ from pydantic import (
     model_serializer,
 )
 
+from orch_worker.domain.immutable import instance
 from orch_worker.domain.models import Side
 from orch_worker.domain.types import Amount, Identifier
 
-_new = object.__new__
 _set = object.__setattr__
 
 
@@ -71,10 +71,8 @@ def trusted_allocation(
     What `model_construct` does, without its per-field Python loop (it costs as much as
     validating): thousands of these make one plan.
     """
-    obj = _new(Allocation)
-    _set(
-        obj,
-        "__dict__",
+    return instance(
+        Allocation,
         {
             "account_id": account_id,
             "broker": broker,
@@ -82,21 +80,15 @@ def trusted_allocation(
             "rationale": rationale,
             "numbers": numbers,
         },
+        set(_ALLOCATION_FIELDS),
     )
-    _set(obj, "__pydantic_fields_set__", set(_ALLOCATION_FIELDS))
-    _set(obj, "__pydantic_extra__", None)
-    _set(obj, "__pydantic_private__", None)
-    return obj
 
 
 def trusted_exclusion(account_id: str, reasons: tuple[str, ...]) -> Exclusion:
     """An `Exclusion` from the planner's own ids and reason texts, not re-validated."""
-    obj = _new(Exclusion)
-    _set(obj, "__dict__", {"account_id": account_id, "reasons": reasons})
-    _set(obj, "__pydantic_fields_set__", set(_EXCLUSION_FIELDS))
-    _set(obj, "__pydantic_extra__", None)
-    _set(obj, "__pydantic_private__", None)
-    return obj
+    return instance(
+        Exclusion, {"account_id": account_id, "reasons": reasons}, set(_EXCLUSION_FIELDS)
+    )
 
 
 class DeferredRows(Protocol):
@@ -142,12 +134,7 @@ class Plan(PlanModel):
         first use. The fields come from the planner (validated inputs): not re-validated."""
         if len(fields) != len(_EAGER):
             raise TypeError(f"a deferred plan takes exactly {_EAGER}")
-        plan = _new(cls)
-        _set(plan, "__dict__", {f: fields[f] for f in _EAGER})
-        _set(plan, "__pydantic_fields_set__", set(_FIELDS))
-        _set(plan, "__pydantic_extra__", None)
-        _set(plan, "__pydantic_private__", {"_rows": rows})
-        return plan
+        return instance(cls, {f: fields[f] for f in _EAGER}, set(_FIELDS), {"_rows": rows})
 
     if not TYPE_CHECKING:  # mypy keeps seeing the declared fields, not an open __getattr__
 
