@@ -399,7 +399,7 @@ class Worker:
         self._listening.reports_waiting(reason == "reports_waiting")
         self.metrics.signals_paused.set(0 if reason is None else 1)
         if reason is not None:
-            self.metrics.signal_pauses.labels(reason).inc()
+            self.metrics.count(self.metrics.signal_pauses, reason)
 
     def _forget(self, now: datetime, *, every_s: float = FORGET_EVERY_S) -> None:
         """Let finished signals go from memory (see `decider.forget_finished`)."""
@@ -720,7 +720,7 @@ class Worker:
                     if intent_id in released:
                         continue  # published before the crash: never release twice
                 futures.append(await self._send(r.topic, r.key, r.value))
-                self.metrics.recovered.labels(r.topic).inc()
+                self.metrics.count(self.metrics.recovered, r.topic)
         await asyncio.gather(*futures)
         for portfolio, outbox_ids in rec.pending_by_portfolio().items():
             await (await self._send(self.topics.changelog, portfolio, done_record(outbox_ids)))
@@ -802,7 +802,7 @@ class Worker:
         except DecodeError as exc:
             # Refused by the table; dead-lettered once by whichever worker sees it during its
             # live subscription would duplicate across workers, so log and count instead.
-            self.metrics.dead_lettered.labels(rec.topic, exc.error_type).inc()
+            self.metrics.count(self.metrics.dead_lettered, rec.topic, exc.error_type)
             log.warning(
                 "ignored invalid account state at %s/%d: %s", rec.partition, rec.offset, exc
             )
@@ -1182,7 +1182,7 @@ class Worker:
         try:
             tick = decode(PriceTick, rec.value)
         except DecodeError as exc:
-            self.metrics.dead_lettered.labels(rec.topic, exc.error_type).inc()
+            self.metrics.count(self.metrics.dead_lettered, rec.topic, exc.error_type)
             log.warning("ignored invalid price at %s/%d: %s", rec.partition, rec.offset, exc)
             return
         self.prices[tick.symbol] = tick.price
@@ -1285,7 +1285,7 @@ class Worker:
         origin = _header(rec, SOURCE_HEADER) if topic == self.topics.portfolio_inputs else None
         if origin is not None:
             topic, partition, offset = parse_source(origin)
-        self.metrics.dead_lettered.labels(topic, error_type).inc()
+        self.metrics.count(self.metrics.dead_lettered, topic, error_type)
         log.warning("dead-lettered %s/%d@%d: %s", topic, partition, offset, error)
         dl = dead_letter(
             topic=topic,
