@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Generator, Iterator
@@ -557,6 +559,77 @@ def test_a_locked_sqlite_database_is_retryable_and_the_store_recovers(tmp_path: 
 
         assert store.write_batch(events) == len(events)
         assert store.count() == len(events)
+
+
+def test_sqlite_writers_sharing_a_file_wait_for_the_writer_lock_and_give_up_in_time(
+    tmp_path: Path,
+) -> None:
+    """Sinks of one group sharing a file take turns on the lock beside it, staging their rows
+    without it; one that cannot get it within its busy timeout reports the database busy
+    (retryable) and names the lock."""
+    path = tmp_path / "audit.db"
+    _, events = _chain("alpha", _signal_lifecycle())
+    with (
+        SqliteStore(str(path), busy_timeout_ms=5000) as first,
+        SqliteStore(str(path), busy_timeout_ms=100) as second,
+    ):
+        staged = threading.Event()
+        go_on = threading.Event()
+
+        def park() -> None:
+            staged.set()
+            assert go_on.wait(10)
+
+        first.in_database = park
+        writer = threading.Thread(target=first.write_batch, args=(events[:SPLIT],))
+        writer.start()
+        try:
+            assert staged.wait(10)
+            # `first` has staged its batch, which takes no lock: `second` writes meanwhile.
+            assert second.write_batch(events[SPLIT:]) == len(events) - SPLIT
+            with second._transaction():  # holds the writer lock, as a long write would
+                go_on.set()
+                writer.join(0.3)
+                assert writer.is_alive()  # `first` waits for the lock
+            writer.join(10)
+            assert not writer.is_alive()
+        finally:
+            go_on.set()
+            writer.join(10)
+        assert list(second.events()) == events
+
+        with first._transaction(), pytest.raises(StoreUnavailableError, match=r"audit\.db-writer"):
+            second.write_batch(events)
+
+
+def test_a_sqlite_writer_lock_is_freed_when_its_process_dies(tmp_path: Path) -> None:
+    """A sink killed while it writes leaves no lock behind: the kernel frees a `flock`."""
+    path = tmp_path / "audit.db"
+    _, events = _chain("alpha", _signal_lifecycle())
+    with SqliteStore(str(path), busy_timeout_ms=50) as store:
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import fcntl, os, time\n"
+                f"fd = os.open({str(path) + '-writer'!r}, os.O_RDWR)\n"
+                "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                "print('held', flush=True)\n"
+                "time.sleep(60)\n",
+            ],
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline() == b"held\n"
+            with pytest.raises(StoreUnavailableError, match="writer"):
+                store.write_batch(events)
+            holder.kill()
+            holder.wait(10)
+            assert store.write_batch(events) == len(events)
+        finally:
+            holder.kill()
+            holder.wait(10)
 
 
 def test_sinks_starting_together_on_a_new_postgresql_schema_all_open_it() -> None:

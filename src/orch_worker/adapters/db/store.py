@@ -61,6 +61,7 @@ from orch_worker.adapters.db.rows import (
     UnrepresentableEventError,
     record_from_event,
 )
+from orch_worker.adapters.db.writer_lock import WriterLock
 from orch_worker.domain.coordinator import TERMINAL as TERMINAL_INTENTS
 from orch_worker.domain.models import AuditEvent, ResultStatus
 from orch_worker.domain.types import format_ts
@@ -475,6 +476,14 @@ class _SqlStore(ABC):
         return new, True
 
     @abstractmethod
+    def _prepare(
+        self, records: Sequence[EventRecord], signals: list[SignalState], intents: list[IntentState]
+    ) -> None:
+        """Work on a batch that needs no lock on the audit tables, done before its transaction
+        (SQLite stages its rows); `_insert_events_and_state` then gets the same lists, unless
+        pruned events were left out of them."""
+
+    @abstractmethod
     def _ts_param(self, ts: datetime) -> object: ...
 
     in_database: Callable[[], None] | None = None
@@ -547,12 +556,18 @@ class _SqlStore(ABC):
                 problem = self.record_problem(r)
                 if problem is not None:
                     raise UnstorableEventError(r.row[0], problem)
+        # The state as if no event of the batch was pruned or conflicts, which is nearly always
+        # so; it is made again below without the ones that do. Made, and handed to the backend
+        # (`_prepare`), before the transaction: the lock it takes is then held for database
+        # work only, which matters when several sinks share one SQLite file.
+        signals, intents = current_state(records)
+        self._prepare(records, signals, intents)
         with self._transaction():
             tombstoned = self._tombstoned_hashes(records)
-            live = [r for r in records if r.row[0] not in tombstoned] if tombstoned else records
-            # The state as if no event of the batch conflicts, which is nearly always so; it is
-            # made again without the conflicting ones below when one does.
-            signals, intents = current_state(live)
+            live = records
+            if tombstoned:
+                live = [r for r in records if r.row[0] not in tombstoned]
+                signals, intents = current_state(live)
             new, state_written = self._insert_events_and_state(live, signals, intents)
             stored = tombstoned
             if new < len(live):
@@ -1014,6 +1029,10 @@ class SqliteStore(_SqlStore):
 
     def __init__(self, path: str, *, busy_timeout_ms: int = 5000) -> None:
         self.path = path
+        self._writers = None if path == ":memory:" else WriterLock(f"{path}-writer")
+        self._busy_timeout_s = busy_timeout_ms / 1000
+        self._staged: tuple[object, object, object] | None = None
+        """The lists whose rows are in the staging tables (`_prepare`), by identity."""
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so reads run outside any
         # transaction and a write batch is exactly one transaction.
         self._conn = sqlite3.connect(
@@ -1076,25 +1095,45 @@ class SqliteStore(_SqlStore):
     def close(self) -> None:
         """Release the connection; the store is unusable afterwards."""
         self._conn.close()
+        if self._writers is not None:
+            self._writers.close()
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        try:
-            # IMMEDIATE takes the write lock up front, so a busy database fails here (and is
-            # retried) instead of half-way through the batch.
-            self._conn.execute("BEGIN IMMEDIATE")
+        with self._writer_lock():
             try:
-                yield
-                self._conn.execute("COMMIT")
-            except BaseException:
-                # Some errors end the transaction themselves; a failed COMMIT leaves it open.
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
+                # IMMEDIATE takes the write lock up front, so a busy database fails here (and is
+                # retried) instead of half-way through the batch.
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    # Some errors end the transaction themselves; a failed COMMIT leaves it open.
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                if (exc.sqlite_errorcode & 0xFF) in _SQLITE_RETRYABLE:
+                    raise StoreUnavailableError(f"SQLite {self.path}: {exc}") from exc
                 raise
-        except sqlite3.OperationalError as exc:
-            if (exc.sqlite_errorcode & 0xFF) in _SQLITE_RETRYABLE:
-                raise StoreUnavailableError(f"SQLite {self.path}: {exc}") from exc
-            raise
+            finally:
+                self._staged = None
+
+    @contextlib.contextmanager
+    def _writer_lock(self) -> Iterator[None]:
+        if self._writers is None:
+            yield
+            return
+        if not self._writers.acquire(self._busy_timeout_s):
+            raise StoreUnavailableError(
+                f"SQLite {self.path}: another writer held {self._writers.path} for over "
+                f"{self._busy_timeout_s:g}s"
+            )
+        try:
+            yield
+        finally:
+            self._writers.release()
 
     def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         return self._conn.execute(sql, params).fetchall()
@@ -1112,38 +1151,78 @@ class SqliteStore(_SqlStore):
         )
         return self._conn.total_changes - before
 
-    def _insert_events_and_state(
+    def _prepare(
         self, records: Sequence[EventRecord], signals: list[SignalState], intents: list[IntentState]
-    ) -> tuple[int, bool]:
-        """Stage the batch, then move it into the audit tables with one statement per table.
+    ) -> None:
+        """Stage the batch in the connection's temporary tables, outside the write transaction.
 
         Binding rows one by one holds the GIL between rows, and the sqlite3 module lets go of
         it around each row's insert; with another thread busy (the sink decoding its next
         batch), each row would wait for that thread. So rows are bound into the temporary
         tables first, the cheap part, and the expensive part (the audit tables' indexes, the
         state upserts, COMMIT) runs in a few statements that hold the GIL only between them;
-        `in_database` tells the sink when. The state goes in only if every event was new; the
-        caller writes it otherwise, once it knows which events conflict.
+        `in_database` tells the sink when. The temporary tables are the connection's own, so
+        staging takes no lock on the audit database: another sink writing to the same file
+        goes on meanwhile, and the writer lock is held for the database's work alone.
         """
-        conn = self._conn
-        for stage in _SQLITE_STAGES:  # what the previous write staged (or rolled back)
-            conn.execute(f"DELETE FROM temp.{stage}")
-        conn.executemany(
-            f"INSERT INTO temp.audit_stage VALUES ({', '.join('?' * len(EVENT_COLUMNS))})",
-            map(_ROW, records),
-        )
-        if signals:
-            conn.executemany(
-                "INSERT INTO temp.signals_stage VALUES (?, ?, ?, ?, ?)",
-                [_signal_row(s, s.updated_ts) for s in signals],
-            )
-        if intents:
-            conn.executemany(
-                "INSERT INTO temp.intents_stage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [_intent_row(i, i.updated_ts) for i in intents],
-            )
+        self._stage(records, signals, intents, transaction=True)
         if self.in_database is not None:
             self.in_database()
+
+    def _stage(
+        self,
+        records: Sequence[EventRecord],
+        signals: list[SignalState],
+        intents: list[IntentState],
+        *,
+        transaction: bool,
+    ) -> None:
+        conn = self._conn
+        if transaction:  # one for the staging alone: row by row, each insert would be one
+            conn.execute("BEGIN")
+        try:
+            for stage in _SQLITE_STAGES:  # what the previous write staged
+                conn.execute(f"DELETE FROM temp.{stage}")
+            conn.executemany(
+                f"INSERT INTO temp.audit_stage VALUES ({', '.join('?' * len(EVENT_COLUMNS))})",
+                map(_ROW, records),
+            )
+            if signals:
+                conn.executemany(
+                    "INSERT INTO temp.signals_stage VALUES (?, ?, ?, ?, ?)",
+                    [_signal_row(s, s.updated_ts) for s in signals],
+                )
+            if intents:
+                conn.executemany(
+                    "INSERT INTO temp.intents_stage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [_intent_row(i, i.updated_ts) for i in intents],
+                )
+            if transaction:
+                conn.execute("COMMIT")
+        except BaseException:
+            if transaction and conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self._staged = (records, signals, intents)
+
+    def _insert_events_and_state(
+        self, records: Sequence[EventRecord], signals: list[SignalState], intents: list[IntentState]
+    ) -> tuple[int, bool]:
+        """Move the staged batch into the audit tables with one statement per table.
+
+        The batch is staged again, inside the transaction, only when it is not what `_prepare`
+        staged (pruned events were left out). The state goes in only if every event was new;
+        the caller writes it otherwise, once it knows which events conflict.
+        """
+        conn = self._conn
+        staged = self._staged
+        if (
+            staged is None
+            or staged[0] is not records
+            or staged[1] is not signals
+            or staged[2] is not intents
+        ):
+            self._stage(records, signals, intents, transaction=False)
         before = conn.total_changes
         conn.execute(_SQLITE_MOVE_EVENTS)
         new = conn.total_changes - before
@@ -1354,6 +1433,11 @@ class PostgresStore(_SqlStore):
         except psycopg.errors.UniqueViolation:
             return False
         return True
+
+    def _prepare(
+        self, records: Sequence[EventRecord], signals: list[SignalState], intents: list[IntentState]
+    ) -> None:
+        """Nothing: a batch goes to the server whole, inside its transaction (COPY, upserts)."""
 
     def _stored_hashes(self, event_ids: set[str], table: str = "audit_events") -> dict[str, str]:
         rows = self._conn.execute(
