@@ -16,9 +16,10 @@ Rows:
   in a process of its own, as `orch-worker sink` does: in this one, which holds every event of
   the run as a model, the same sink took about a fifth more CPU per event (alternating runs).
   With `ORCH_BENCH_SINK_PROCESSES` (default `1,2`) each store gets a row per count of sink
-  processes in one consumer group: scale-out, timed from when every one of them has its
-  partitions (a process that gets none would count as a slow one, so the topic has as many
-  partitions as the bench has portfolios).
+  processes in one consumer group, writing to one database (one SQLite file, taking turns on
+  its writer lock): scale-out, timed from when every one of them has its partitions (a process
+  that gets none would count as a slow one, so the topic has as many partitions as the bench
+  has portfolios).
 * decode only, store only: the sink's decode of the records into store records (its strict fast
   path, the model for whatever that declines), the same records by way of a validated
   `AuditEvent` for comparison, and `AuditStore.write_records` of decoded records in the sink's
