@@ -135,7 +135,7 @@ def _table(results: dict[str, ExecutionResult]) -> str:
 async def run_demo(workdir: Path, *, n_signals: int = 8, timeout_s: float = 90.0) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     db_path = (workdir / "audit.db").resolve()
-    for suffix in ("", "-wal", "-shm"):
+    for suffix in ("", "-wal", "-shm", "-writer"):
         Path(f"{db_path}{suffix}").unlink(missing_ok=True)
     db_url = f"sqlite:///{db_path}"
     print(f"orch-worker demo: {n_signals} signals over 5 paper accounts; audit in {db_path}")
