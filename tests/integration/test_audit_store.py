@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
@@ -630,6 +631,37 @@ def test_a_sqlite_writer_lock_is_freed_when_its_process_dies(tmp_path: Path) -> 
         finally:
             holder.kill()
             holder.wait(10)
+
+
+def test_sinks_starting_together_on_a_new_sqlite_file_all_open_it(tmp_path: Path) -> None:
+    """Several sink processes of one group start at once on a file that does not exist yet:
+    none may fail on creating it, turning it to WAL or creating its tables."""
+    opener = (
+        "import os, sys, time\n"
+        "from orch_worker.adapters.db.store import open_store\n"
+        "go = sys.argv[1]\n"
+        "while not os.path.exists(go):\n"
+        "    time.sleep(0.0005)\n"
+        "open_store('sqlite:///' + sys.argv[2]).close()\n"
+        "print('opened', flush=True)\n"
+    )
+    for attempt in range(3):
+        path, go = tmp_path / f"audit-{attempt}.db", tmp_path / f"go-{attempt}"
+        sinks = [
+            subprocess.Popen(
+                [sys.executable, "-c", opener, str(go), str(path)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for _ in range(4)
+        ]
+        time.sleep(1.5)  # every one of them imported and waiting
+        go.touch()
+        for sink in sinks:
+            out, err = sink.communicate(timeout=60)
+            assert (sink.returncode, out) == (0, b"opened\n"), err.decode()
+        with open_store(f"sqlite:///{path}") as store:
+            assert store.count() == 0
 
 
 def test_sinks_starting_together_on_a_new_postgresql_schema_all_open_it() -> None:

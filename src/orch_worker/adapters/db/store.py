@@ -1039,37 +1039,43 @@ class SqliteStore(_SqlStore):
             path, isolation_level=None, check_same_thread=False, cached_statements=64
         )
         try:
-            # Wait this long for another writer's lock before reporting a retryable failure.
-            self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            # Only a new database takes it (an existing one keeps its page size): events are
-            # about a kilobyte, and 8 KiB pages make each batch fewer, fuller pages to write.
-            self._conn.execute(f"PRAGMA page_size = {PAGE_BYTES}")
-            mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if path != ":memory:" and str(mode).lower() != "wal":
-                raise AuditStoreError(f"could not put {path} in WAL mode (got {mode!r})")
-            # FULL, not NORMAL: the sink commits Kafka offsets right after a write returns, so
-            # a transaction that a power loss could still undo would lose events for good. WAL
-            # makes that one fsync per transaction, a small share of the sink's transactions of
-            # up to a few thousand events. (NORMAL would survive a crash of the process, not of
-            # the machine, and measured no clear gain.)
-            self._conn.execute("PRAGMA synchronous = FULL")
-            # The sink's inserts land all over the event-id index, so they keep re-reading and
-            # re-writing the same pages: a page cache that holds the indexes (64 MiB) and a
-            # checkpoint every ~40 MB of WAL rather than ~4 MB (each page copied into the
-            # database once per checkpoint, however often it changed) cut the CPU of a write
-            # by about a fifth. Neither changes what a commit guarantees.
-            self._conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
-            page = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
-            self._conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_BYTES // page}")
-            # The staging tables of a write (a few MB) stay in memory, never in a temporary file.
-            self._conn.execute("PRAGMA temp_store = MEMORY")
-            self._create_schema()
+            # Sinks of one group often start together: one turning a new file to WAL while
+            # another does fails at once ("database is locked"), whatever the busy timeout.
+            with self._writer_lock():
+                self._set_up(path, busy_timeout_ms)
         except BaseException:
             self._conn.close()
             raise
 
+    def _set_up(self, path: str, busy_timeout_ms: int) -> None:
+        # Wait this long for another writer's lock before reporting a retryable failure.
+        self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        # Only a new database takes it (an existing one keeps its page size): events are
+        # about a kilobyte, and 8 KiB pages make each batch fewer, fuller pages to write.
+        self._conn.execute(f"PRAGMA page_size = {PAGE_BYTES}")
+        mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if path != ":memory:" and str(mode).lower() != "wal":
+            raise AuditStoreError(f"could not put {path} in WAL mode (got {mode!r})")
+        # FULL, not NORMAL: the sink commits Kafka offsets right after a write returns, so
+        # a transaction that a power loss could still undo would lose events for good. WAL
+        # makes that one fsync per transaction, a small share of the sink's transactions of
+        # up to a few thousand events. (NORMAL would survive a crash of the process, not of
+        # the machine, and measured no clear gain.)
+        self._conn.execute("PRAGMA synchronous = FULL")
+        # The sink's inserts land all over the event-id index, so they keep re-reading and
+        # re-writing the same pages: a page cache that holds the indexes (64 MiB) and a
+        # checkpoint every ~40 MB of WAL rather than ~4 MB (each page copied into the
+        # database once per checkpoint, however often it changed) cut the CPU of a write
+        # by about a fifth. Neither changes what a commit guarantees.
+        self._conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+        page = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
+        self._conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_BYTES // page}")
+        # The staging tables of a write (a few MB) stay in memory, never in a temporary file.
+        self._conn.execute("PRAGMA temp_store = MEMORY")
+        self._create_schema()
+
     def _create_schema(self) -> None:
-        with self._transaction():
+        with self._sqlite_transaction():
             for sql in (
                 _SCHEMA_META_SQL,
                 _event_table_sql(
@@ -1100,25 +1106,29 @@ class SqliteStore(_SqlStore):
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        with self._writer_lock():
+        with self._writer_lock(), self._sqlite_transaction():
+            yield
+
+    @contextlib.contextmanager
+    def _sqlite_transaction(self) -> Iterator[None]:
+        try:
+            # IMMEDIATE takes the write lock up front, so a busy database fails here (and is
+            # retried) instead of half-way through the batch.
+            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                # IMMEDIATE takes the write lock up front, so a busy database fails here (and is
-                # retried) instead of half-way through the batch.
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield
-                    self._conn.execute("COMMIT")
-                except BaseException:
-                    # Some errors end the transaction themselves; a failed COMMIT leaves it open.
-                    if self._conn.in_transaction:
-                        self._conn.execute("ROLLBACK")
-                    raise
-            except sqlite3.OperationalError as exc:
-                if (exc.sqlite_errorcode & 0xFF) in _SQLITE_RETRYABLE:
-                    raise StoreUnavailableError(f"SQLite {self.path}: {exc}") from exc
+                yield
+                self._conn.execute("COMMIT")
+            except BaseException:
+                # Some errors end the transaction themselves; a failed COMMIT leaves it open.
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
-            finally:
-                self._staged = None
+        except sqlite3.OperationalError as exc:
+            if (exc.sqlite_errorcode & 0xFF) in _SQLITE_RETRYABLE:
+                raise StoreUnavailableError(f"SQLite {self.path}: {exc}") from exc
+            raise
+        finally:
+            self._staged = None
 
     @contextlib.contextmanager
     def _writer_lock(self) -> Iterator[None]:
