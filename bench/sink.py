@@ -234,18 +234,31 @@ async def pass_through(cfg: KafkaConfig, topic: str, n: int) -> tuple[float, flo
     return n / (done - assigned[0]), cpu / n * 1e6
 
 
+@dataclass(frozen=True)
+class _Phases:
+    """The events one sink process and the bench pass each other (picklable, for `spawn`).
+
+    The process sets `loaded` once it has imported everything and starts its sink when the
+    bench sets `go`, so that the sinks of one run join their group together: otherwise the
+    first one writes a large share of the run alone while a rebalance takes partitions from it
+    to the others. It sets `ready` once its sink has partitions, and stops at `stop`."""
+
+    loaded: ProcessEvent
+    go: ProcessEvent
+    ready: ProcessEvent
+    stop: ProcessEvent
+
+
 def _sink_process(
-    cfg: OrchConfig,
-    db_url: str,
-    progress_: SynchronizedArray[float],
-    ready: ProcessEvent,
-    stop: ProcessEvent,
+    cfg: OrchConfig, db_url: str, progress_: SynchronizedArray[float], phases: _Phases
 ) -> None:
-    """One sink process (the target of `multiprocessing`): `AuditSink` until `stop` is set.
+    """One sink process (the target of `multiprocessing`): `AuditSink` until `phases.stop`.
 
     `progress_` holds [events written, CPU seconds of this process], updated together every
-    `_TICK_S` once the sink has its partitions (`ready`)."""
-    asyncio.run(_sink_until(cfg, db_url, progress_, ready, stop))
+    `_TICK_S` once the sink has its partitions."""
+    phases.loaded.set()
+    if phases.go.wait(60):
+        asyncio.run(_sink_until(cfg, db_url, progress_, phases.ready, phases.stop))
 
 
 _TICK_S = 0.002
@@ -282,11 +295,13 @@ async def sink(cfg: OrchConfig, db_url: str, n: int, processes: int = 1) -> tupl
     their partitions to the last event written, and their CPU time per event (µs, all threads:
     a figure a busy machine does not distort)."""
     mp = multiprocessing.get_context("spawn")
-    stop = mp.Event()
-    sinks = [(mp.Array("d", 2), mp.Event()) for _ in range(processes)]
+    stop, go = mp.Event(), mp.Event()
+    sinks = [
+        (mp.Array("d", 2), _Phases(mp.Event(), go, mp.Event(), stop)) for _ in range(processes)
+    ]
     procs = [
-        mp.Process(target=_sink_process, args=(cfg, db_url, shared, ready, stop), daemon=True)
-        for shared, ready in sinks
+        mp.Process(target=_sink_process, args=(cfg, db_url, shared, phases), daemon=True)
+        for shared, phases in sinks
     ]
     for proc in procs:
         proc.start()
@@ -308,7 +323,11 @@ async def sink(cfg: OrchConfig, db_url: str, n: int, processes: int = 1) -> tupl
             await asyncio.sleep(_TICK_S)
 
     try:
-        await until("partition assignment", lambda: all(r.is_set() for _, r in sinks), 60)
+        await until(
+            "the sink processes to start", lambda: all(p.loaded.is_set() for _, p in sinks), 60
+        )
+        go.set()
+        await until("partition assignment", lambda: all(p.ready.is_set() for _, p in sinks), 60)
         await asyncio.sleep(2 * _TICK_S)  # every process has published its figures once
         started = time.perf_counter()
         written, cpu = totals()
