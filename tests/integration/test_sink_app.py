@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -376,14 +377,20 @@ def test_a_batch_decoded_in_steps_never_skips_a_record_that_failed_to_decode(
     assert len(batch.origins) == len(events)
 
 
-def test_running_sinks_raise_the_young_gc_threshold_and_the_last_one_restores_it() -> None:
-    before = gc.get_threshold()
+def test_running_sinks_tune_the_process_and_the_last_one_restores_it() -> None:
+    """A higher young GC threshold and a shorter GIL switch interval while any sink runs."""
+    threshold, interval = gc.get_threshold(), sys.getswitchinterval()
     try:
         gc.set_threshold(700, 10, 10)
-        with sink_app._fewer_young_collections():
-            with sink_app._fewer_young_collections():
+        sys.setswitchinterval(0.005)
+        with sink_app._tuned_for_sinks():
+            with sink_app._tuned_for_sinks():
                 assert gc.get_threshold() == (sink_app.YOUNG_THRESHOLD, 10, 10)
+                assert sys.getswitchinterval() == pytest.approx(sink_app.SWITCH_INTERVAL_S)
             assert gc.get_threshold() == (sink_app.YOUNG_THRESHOLD, 10, 10)
+            assert sys.getswitchinterval() == pytest.approx(sink_app.SWITCH_INTERVAL_S)
         assert gc.get_threshold() == (700, 10, 10)
+        assert sys.getswitchinterval() == pytest.approx(0.005)
     finally:
-        gc.set_threshold(*before)
+        gc.set_threshold(*threshold)
+        sys.setswitchinterval(interval)

@@ -43,6 +43,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import sys
 import threading
 from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable, Iterator
@@ -96,25 +97,45 @@ around them is acyclic and freed by reference counting anyway. With the threshol
 one batch allocates, the sink took an eighth to a sixth less CPU per event on either store in
 most runs (measured, two busy cores). The worker does the same (`adapters/heap.py`)."""
 
-_young = threading.Lock()
-_young_raised: list[tuple[int, int, int]] = []
-"""One entry per running sink: the thresholds the first one found, restored by the last."""
+SWITCH_INTERVAL_S = 0.0005
+"""The GIL switch interval while a sink runs (CPython's default: 5 ms).
+
+The store thread lets go of the GIL for every SQL statement of a write and needs it back after
+each one; meanwhile the event loop decodes the next batch, holding the GIL until the interval
+runs out. At the default every statement of a write could wait up to 5 ms for that, and the
+store thread, the sink's slowest stage, spent about as long again per event as the same writes
+did alone (measured: 23-28 µs against 12 µs per event). At 0.5 ms one sink process wrote more
+events per second in each of 5 alternating pairs (+1% to +32%, median +23%)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _ProcessSettings:
+    gc_threshold: tuple[int, int, int]
+    switch_interval_s: float
+
+
+_settings = threading.Lock()
+_changed: list[_ProcessSettings] = []
+"""One entry per running sink: the settings the first one found, restored by the last."""
 
 
 @contextlib.contextmanager
-def _fewer_young_collections() -> Iterator[None]:
-    """`YOUNG_THRESHOLD` while any sink of this process runs (never lowering a higher one)."""
-    with _young:
-        found = gc.get_threshold()
-        _young_raised.append(_young_raised[0] if _young_raised else found)
-        gc.set_threshold(max(found[0], YOUNG_THRESHOLD), *found[1:])
+def _tuned_for_sinks() -> Iterator[None]:
+    """`YOUNG_THRESHOLD` and `SWITCH_INTERVAL_S` while any sink of this process runs (never
+    lowering a higher threshold, never lengthening a shorter interval)."""
+    with _settings:
+        found = _ProcessSettings(gc.get_threshold(), sys.getswitchinterval())
+        _changed.append(_changed[0] if _changed else found)
+        gc.set_threshold(max(found.gc_threshold[0], YOUNG_THRESHOLD), *found.gc_threshold[1:])
+        sys.setswitchinterval(min(found.switch_interval_s, SWITCH_INTERVAL_S))
     try:
         yield
     finally:
-        with _young:
-            before = _young_raised.pop()
-            if not _young_raised:
-                gc.set_threshold(*before)
+        with _settings:
+            before = _changed.pop()
+            if not _changed:
+                gc.set_threshold(*before.gc_threshold)
+                sys.setswitchinterval(before.switch_interval_s)
 
 
 @dataclass(slots=True)
@@ -312,7 +333,7 @@ class AuditSink:
             raise RuntimeError("the audit sink is already running")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-store")
         try:
-            with _fewer_young_collections():
+            with _tuned_for_sinks():
                 await self._run(stop, ready)
         finally:
             self._executor.shutdown(wait=True)
