@@ -28,9 +28,10 @@ Rows:
 Besides events/s, each row shows the CPU time per event of the process (the sink processes,
 for sink rows), which a busy machine (other jobs on the same cores) distorts far less than the
 wall-clock rate, and the load average as the row was measured. Neither counts the broker's or
-PostgreSQL's CPU, which share the same cores. `ORCH_BENCH_SINK_RUNS` (default 1) runs each
+PostgreSQL's CPU, which share the same cores. `ORCH_BENCH_SINK_RUNS` (default 3) runs each
 end-to-end sink that many times, each on fresh topics and a fresh database, and reports the
-median run: on a shared machine a single run can be off by a third either way.
+median run beside the slowest and the fastest: on a shared machine a single run can be off by a
+third either way.
 
 PostgreSQL is `ORCH_BENCH_POSTGRES_URL` (default: the local server,
 postgresql://postgres@127.0.0.1:5432/test) in a schema of its own, dropped afterwards; skipped
@@ -79,7 +80,7 @@ ACCOUNTS = 3
 BATCH = 1000
 PG_URL = os.environ.get("ORCH_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TIMEOUT_S = 300.0
-RUNS = max(1, int(os.environ.get("ORCH_BENCH_SINK_RUNS", "1")))
+RUNS = max(1, int(os.environ.get("ORCH_BENCH_SINK_RUNS", "3")))
 PROCESSES = tuple(
     max(1, int(n)) for n in os.environ.get("ORCH_BENCH_SINK_PROCESSES", "1,2").split(",") if n
 )
@@ -400,6 +401,8 @@ class Row:
     target: float | None = None
     load: float = field(default_factory=lambda: os.getloadavg()[0])
     """The one-minute load average when the row was measured."""
+    runs: tuple[float, ...] = ()
+    """events/s of every run behind a median row, slowest first."""
 
 
 async def _fresh_audit_topic(env: BenchEnv, events: list[AuditEvent]) -> KafkaConfig:
@@ -473,7 +476,10 @@ async def run(env: BenchEnv) -> None:
                         f"{label}: {rate:,.0f} events/s, {cpu:.1f} µs CPU/event "
                         f"(load {runs[-1].load:.1f}; run {k + 1} of {RUNS})"
                     )
-                rows.append(sorted(runs, key=lambda r: r.per_second)[len(runs) // 2])
+                ranked = sorted(runs, key=lambda r: r.per_second)
+                median = ranked[len(ranked) // 2]
+                median.runs = tuple(r.per_second for r in ranked)
+                rows.append(median)
             alone, cpu = await asyncio.to_thread(store_only, store_url, events)
             progress(f"store only ({name}): {alone:,.0f} events/s")
             rows.append(Row(f"store only ({name}, no Kafka, no decode)", alone, cpu))
@@ -490,19 +496,24 @@ async def run(env: BenchEnv) -> None:
         target = "" if r.target is None else f"{r.target:,.0f}"
         verdict = "" if r.target is None else ("met" if r.per_second >= r.target else "MISSED")
         cells = [r.name, f"{r.per_second:,.0f}", ratio, f"{r.cpu_us:.1f}", f"{r.load:.1f}"]
-        return [*cells, target, verdict]
+        spread = "" if len(r.runs) < 2 else f"{r.runs[0] / 1000:.1f}k-{r.runs[-1] / 1000:.1f}k"
+        return [*cells, target, verdict, spread]
 
     print()
     print(
         table(
-            ["", "events/s", "vs pass-through", "CPU µs/event", "load", "target", ""],
+            ["", "events/s", "vs pass-through", "CPU µs/event", "load", "target", "", "runs"],
             [fmt(r) for r in rows],
         )
     )
     print(
         f"(load: the one-minute load average on {os.cpu_count()} CPUs as each row was measured; "
         "events/s falls on a busy machine, CPU µs/event much less so"
-        + (f"; sink rows are the median of {RUNS} runs)" if RUNS > 1 else ")")
+        + (
+            f"; sink rows are the median of {RUNS} runs, the slowest and fastest under 'runs')"
+            if RUNS > 1
+            else ")"
+        )
     )
     print()
     progress(f"sink bench done in {time.monotonic() - started:.1f}s")
