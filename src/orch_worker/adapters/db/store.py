@@ -464,11 +464,16 @@ class _SqlStore(ABC):
     def _upsert_state(self, signals: list[SignalState], intents: list[IntentState]) -> None: ...
 
     def _insert_events_and_state(
-        self, records: Sequence[EventRecord], signals: list[SignalState], intents: list[IntentState]
+        self,
+        records: Sequence[EventRecord],
+        signals: list[SignalState],
+        intents: list[IntentState],
+        *,
+        prepared: bool,
     ) -> tuple[int, bool]:
         """Insert `records` into `audit_events` and, if every one of them was new (so none can
         conflict), upsert the state they imply; return how many were new and whether the
-        state was written."""
+        state was written. `prepared`: these are the lists `_prepare` was given."""
         new = self._insert_events("audit_events", records)
         if new < len(records):
             return new, False
@@ -480,8 +485,8 @@ class _SqlStore(ABC):
         self, records: Sequence[EventRecord], signals: list[SignalState], intents: list[IntentState]
     ) -> None:
         """Work on a batch that needs no lock on the audit tables, done before its transaction
-        (SQLite stages its rows); `_insert_events_and_state` then gets the same lists, unless
-        pruned events were left out of them."""
+        (SQLite stages its rows); `_insert_events_and_state` then gets the same lists
+        (`prepared`), unless pruned events were left out of them."""
 
     @abstractmethod
     def _ts_param(self, ts: datetime) -> object: ...
@@ -568,7 +573,9 @@ class _SqlStore(ABC):
             if tombstoned:
                 live = [r for r in records if r.row[0] not in tombstoned]
                 signals, intents = current_state(live)
-            new, state_written = self._insert_events_and_state(live, signals, intents)
+            new, state_written = self._insert_events_and_state(
+                live, signals, intents, prepared=not tombstoned
+            )
             stored = tombstoned
             if new < len(live):
                 stored = stored | self._stored_hashes({r.row[0] for r in live})
@@ -1031,8 +1038,6 @@ class SqliteStore(_SqlStore):
         self.path = path
         self._writers = None if path == ":memory:" else WriterLock(f"{path}-writer")
         self._busy_timeout_s = busy_timeout_ms / 1000
-        self._staged: tuple[object, object, object] | None = None
-        """The lists whose rows are in the staging tables (`_prepare`), by identity."""
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so reads run outside any
         # transaction and a write batch is exactly one transaction.
         self._conn = sqlite3.connect(
@@ -1127,8 +1132,6 @@ class SqliteStore(_SqlStore):
             if (exc.sqlite_errorcode & 0xFF) in _SQLITE_RETRYABLE:
                 raise StoreUnavailableError(f"SQLite {self.path}: {exc}") from exc
             raise
-        finally:
-            self._staged = None
 
     @contextlib.contextmanager
     def _writer_lock(self) -> Iterator[None]:
@@ -1213,10 +1216,14 @@ class SqliteStore(_SqlStore):
             if transaction and conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        self._staged = (records, signals, intents)
 
     def _insert_events_and_state(
-        self, records: Sequence[EventRecord], signals: list[SignalState], intents: list[IntentState]
+        self,
+        records: Sequence[EventRecord],
+        signals: list[SignalState],
+        intents: list[IntentState],
+        *,
+        prepared: bool,
     ) -> tuple[int, bool]:
         """Move the staged batch into the audit tables with one statement per table.
 
@@ -1225,13 +1232,7 @@ class SqliteStore(_SqlStore):
         the caller writes it otherwise, once it knows which events conflict.
         """
         conn = self._conn
-        staged = self._staged
-        if (
-            staged is None
-            or staged[0] is not records
-            or staged[1] is not signals
-            or staged[2] is not intents
-        ):
+        if not prepared:
             self._stage(records, signals, intents, transaction=False)
         before = conn.total_changes
         conn.execute(_SQLITE_MOVE_EVENTS)
