@@ -12,17 +12,18 @@ Rows:
   sink's ratios are against this one.
 * sink → SQLite / PostgreSQL: `AuditSink` end to end (decode and validate every event, one
   database transaction per batch of up to `POLLS_PER_WRITE` polls, current-state views, dead
-  letters, commit), timed from partition assignment to the last event written. Each sink runs
-  in a process of its own, as `orch-worker sink` does: in this one, which holds every event of
-  the run as a model, the same sink took about a fifth more CPU per event (alternating runs).
+  letters, commit), timed from when it may consume, once it holds partitions, to the last event
+  written. Each sink runs in a process of its own, as `orch-worker sink` does: in this one,
+  which holds every event of the run as a model, the same sink took about a fifth more CPU per
+  event (alternating runs).
   With `ORCH_BENCH_SINK_PROCESSES` (default `1,2`) each store gets a row per count of sink
   processes in one consumer group, writing to one database (one SQLite file, taking turns on
-  its writer lock): scale-out, timed from when every one of them has its partitions (a process
-  that gets none would count as a slow one, so the topic has as many partitions as the bench
-  has portfolios). The processes start their sinks together, yet the group may still give the
-  last one its partitions late; a run in which more than half the events were written before
-  that is no measurement of that many sinks, and is repeated on fresh topics (at most
-  `ATTEMPTS` times).
+  its writer lock): scale-out. The sinks join their group holding back their polls
+  (`_HeldConsumer`) and are timed from when the group has settled, every process with its share
+  of the partitions and nothing consumed yet (a process that got none would count as a slow
+  one, so the topic has as many partitions as the bench has portfolios). A run in which the
+  group moved partitions after that is no measurement of that many sinks, and is repeated on
+  fresh topics (at most `ATTEMPTS` times).
 * decode only, store only: the sink's decode of the records into store records (its strict fast
   path, the model for whatever that declines), the same records by way of a validated
   `AuditEvent` for comparison, and `AuditStore.write_records` of decoded records in the sink's
@@ -45,6 +46,7 @@ with the reason when it does not answer. Targets (issue 6): ≥ 50,000 events/s 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import multiprocessing
@@ -60,13 +62,15 @@ from multiprocessing.sharedctypes import SynchronizedArray
 from multiprocessing.synchronize import Event as ProcessEvent
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 
 from bench import BenchEnv, paper_account, progress, table
 from orch_worker.adapters.db.rows import EventRecord, record_from_event
 from orch_worker.adapters.db.store import open_store
+from orch_worker.adapters.kafka import sink_app
 from orch_worker.adapters.kafka.clients import consumer_kwargs, ensure_topics, producer_kwargs
 from orch_worker.adapters.kafka.codec import decode, encode
 from orch_worker.adapters.kafka.sink_app import POLLS_PER_WRITE, AuditSink, SinkStats, decode_record
@@ -243,66 +247,109 @@ class _Phases:
     """The events one sink process and the bench pass each other (picklable, for `spawn`).
 
     The process sets `loaded` once it has imported everything and starts its sink when the
-    bench sets `go`, so that the sinks of one run join their group together: otherwise the
-    first one writes a large share of the run alone while a rebalance takes partitions from it
-    to the others. It sets `ready` once its sink has partitions, and stops at `stop`."""
+    bench sets `go`. Its sink joins the group but consumes nothing until the bench sets
+    `release` (`_HeldConsumer`), which it does once the group has settled; it stops at
+    `stop`."""
 
     loaded: ProcessEvent
     go: ProcessEvent
-    ready: ProcessEvent
+    release: ProcessEvent
     stop: ProcessEvent
 
 
-def _sink_process(
-    cfg: OrchConfig, db_url: str, progress_: SynchronizedArray[float], phases: _Phases
-) -> None:
-    """One sink process (the target of `multiprocessing`): `AuditSink` until `phases.stop`.
+_WRITTEN, _CPU, _PARTITIONS, _MOVED = range(4)
+"""The figures a sink process publishes in its shared array: events written, its CPU seconds,
+the partitions it holds, and 1 once its partitions changed after the release."""
 
-    `progress_` holds [events written, CPU seconds of this process], updated together every
-    `_TICK_S` once the sink has its partitions."""
+
+class _HeldConsumer(AIOKafkaConsumer):  # type: ignore[misc]  # aiokafka is untyped
+    """The sink's consumer in a bench process: its polls return nothing until `released`.
+
+    Without it, the first sink to get partitions consumes while the group is still forming,
+    and the run then times what is left, unevenly spread. On the embedded broker that is most
+    runs: its first generation often holds one member only, which gets every partition, and
+    the next generation follows a second or two later. A run timed from the moment every sink
+    held partitions then measured one process, labelled two, in about a third of the runs."""
+
+    def __init__(self, released: asyncio.Event, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._released = released
+
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
+    ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        if not self._released.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._released.wait(), timeout_ms / 1000)
+            if not self._released.is_set():
+                return {}
+        polled: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = await super().getmany(
+            *partitions, timeout_ms=timeout_ms, max_records=max_records
+        )
+        return polled
+
+
+def _sink_process(
+    cfg: OrchConfig, db_url: str, shared: SynchronizedArray[float], phases: _Phases
+) -> None:
+    """One sink process (the target of `multiprocessing`): `AuditSink` until `phases.stop`,
+    publishing its figures in `shared` (`_WRITTEN`...) every `_TICK_S`."""
     phases.loaded.set()
     if phases.go.wait(60):
-        asyncio.run(_sink_until(cfg, db_url, progress_, phases.ready, phases.stop))
+        asyncio.run(_sink_until(cfg, db_url, shared, phases))
 
 
 _TICK_S = 0.002
 
 
 async def _sink_until(
-    cfg: OrchConfig,
-    db_url: str,
-    progress_: SynchronizedArray[float],
-    ready: ProcessEvent,
-    stop: ProcessEvent,
+    cfg: OrchConfig, db_url: str, shared: SynchronizedArray[float], phases: _Phases
 ) -> None:
     stats = SinkStats()
-    stopping, assigned = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(
-        AuditSink(cfg, db_url=db_url, stats=stats).run(stop=stopping, ready=assigned)
-    )
-    try:
-        await asyncio.wait(
-            [task, asyncio.create_task(assigned.wait())], return_when=asyncio.FIRST_COMPLETED
-        )
-        ready.set()
-        while not (stop.is_set() or task.done()):
-            with progress_.get_lock():
-                progress_[0], progress_[1] = stats.events_written, time.process_time()
-            await asyncio.sleep(_TICK_S)
-    finally:
-        stopping.set()
-        await asyncio.wait_for(task, 30)
+    stopping, released = asyncio.Event(), asyncio.Event()
+    consumers: list[_HeldConsumer] = []
+
+    def held(**kwargs: Any) -> _HeldConsumer:
+        consumers.append(_HeldConsumer(released, **kwargs))
+        return consumers[-1]
+
+    with mock.patch.object(sink_app, "AIOKafkaConsumer", held):
+        task = asyncio.create_task(AuditSink(cfg, db_url=db_url, stats=stats).run(stop=stopping))
+        try:
+            at_release: frozenset[TopicPartition] | None = None
+            while not (phases.stop.is_set() or task.done()):
+                held_now = frozenset(consumers[0].assignment()) if consumers else frozenset()
+                if at_release is None and phases.release.is_set():
+                    at_release = held_now
+                    released.set()
+                with shared.get_lock():
+                    shared[_WRITTEN], shared[_CPU] = stats.events_written, time.process_time()
+                    shared[_PARTITIONS] = len(held_now)
+                    if at_release is not None and held_now != at_release:
+                        shared[_MOVED] = 1
+                await asyncio.sleep(_TICK_S)
+        finally:
+            stopping.set()
+            await asyncio.wait_for(task, 30)
+
+
+class RebalancedError(RuntimeError):
+    """A sink's partitions changed during the timed run: not a measurement of that many sinks
+    each with its share. Repeat the run on fresh topics."""
 
 
 async def sink(cfg: OrchConfig, db_url: str, n: int, processes: int = 1) -> tuple[float, float]:
-    """Events/s of `processes` sink processes in one group, from the moment all of them have
-    their partitions to the last event written, and their CPU time per event (µs, all threads:
-    a figure a busy machine does not distort)."""
+    """Events/s of `processes` sink processes in one group, from the moment they may consume
+    (their group settled: every one of them holds partitions, every partition is held once) to
+    the last event written, and their CPU time per event (µs, all threads: a figure a busy
+    machine does not distort).
+
+    Raises:
+        RebalancedError: the group moved partitions between the sinks during the run.
+    """
     mp = multiprocessing.get_context("spawn")
-    stop, go = mp.Event(), mp.Event()
-    sinks = [
-        (mp.Array("d", 2), _Phases(mp.Event(), go, mp.Event(), stop)) for _ in range(processes)
-    ]
+    stop, go, release = mp.Event(), mp.Event(), mp.Event()
+    sinks = [(mp.Array("d", 4), _Phases(mp.Event(), go, release, stop)) for _ in range(processes)]
     procs = [
         mp.Process(target=_sink_process, args=(cfg, db_url, shared, phases), daemon=True)
         for shared, phases in sinks
@@ -310,12 +357,17 @@ async def sink(cfg: OrchConfig, db_url: str, n: int, processes: int = 1) -> tupl
     for proc in procs:
         proc.start()
 
-    def totals() -> tuple[float, float]:
-        written = cpu = 0.0
+    def figures(k: int) -> list[float]:
+        """Every process's figure `k` of its shared array."""
+        out = []
         for shared, _ in sinks:
             with shared.get_lock():
-                written, cpu = written + shared[0], cpu + shared[1]
-        return written, cpu
+                out.append(shared[k])
+        return out
+
+    def settled() -> bool:
+        held = figures(_PARTITIONS)
+        return min(held) > 0 and sum(held) == cfg.kafka.partitions
 
     async def until(what: str, done: Callable[[], bool], within_s: float) -> None:
         deadline = time.monotonic() + within_s
@@ -331,34 +383,27 @@ async def sink(cfg: OrchConfig, db_url: str, n: int, processes: int = 1) -> tupl
             "the sink processes to start", lambda: all(p.loaded.is_set() for _, p in sinks), 60
         )
         go.set()
-        await until("partition assignment", lambda: all(p.ready.is_set() for _, p in sinks), 60)
-        await asyncio.sleep(2 * _TICK_S)  # every process has published its figures once
+        await until("settled partition assignment", settled, 60)
+        cpu = sum(figures(_CPU))
+        release.set()
         started = time.perf_counter()
-        written, cpu = totals()
-        await until(f"{n} events written", lambda: totals()[0] >= n, TIMEOUT_S)
+        await until(f"{n} events written", lambda: sum(figures(_WRITTEN)) >= n, TIMEOUT_S)
         elapsed = time.perf_counter() - started
-        timed = n - written
-        cpu = totals()[1] - cpu
+        cpu = sum(figures(_CPU)) - cpu
+        moved = max(figures(_MOVED))
     finally:
         stop.set()
         for proc in procs:
             await asyncio.to_thread(proc.join, 30)
             if proc.is_alive():
                 proc.kill()
-    if timed < n / 2:
-        raise LateRebalanceError(
-            f"only {timed:.0f} of {n} events were written with every sink running"
-        )
-    return timed / elapsed, cpu / timed * 1e6
-
-
-class LateRebalanceError(RuntimeError):
-    """The group gave the last sink its partitions after more than half the events were
-    written: not a measurement of that many sinks. Repeat the run on fresh topics."""
+    if moved:
+        raise RebalancedError("the group moved partitions between the sinks during the run")
+    return n / elapsed, cpu / n * 1e6
 
 
 ATTEMPTS = 3
-"""Runs of a sink row that may end in `LateRebalanceError` before the bench gives up."""
+"""Runs of a sink row that may end in `RebalancedError` before the bench gives up."""
 
 
 async def _measured(
@@ -368,7 +413,7 @@ async def _measured(
     serial: Iterator[int],
     processes: int,
 ) -> tuple[float, float]:
-    """`sink` on fresh topics and a fresh database, repeated when a rebalance came late."""
+    """`sink` on fresh topics and a fresh database, repeated when the group rebalanced."""
 
     async def once() -> tuple[float, float]:
         kafka = await _fresh_audit_topic(env, events)
@@ -380,9 +425,9 @@ async def _measured(
     for _ in range(ATTEMPTS - 1):
         try:
             return await once()
-        except LateRebalanceError as exc:
-            progress(f"{exc}: the group settled late; running again on fresh topics")
-    return await once()  # the last attempt's LateRebalanceError ends the bench
+        except RebalancedError as exc:
+            progress(f"{exc}; running again on fresh topics")
+    return await once()  # the last attempt's RebalancedError ends the bench
 
 
 def store_only(db_url: str, events: list[AuditEvent]) -> tuple[float, float]:
